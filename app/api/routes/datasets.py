@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+
+from app.api.deps import SessionDep, SettingsDep, StorageDep, require_broker
+from app.api.routes.common import CursorQuery, LimitQuery, multipart_body
+from app.core.db import get_sessionmaker
+from app.core.storage import LocalStorage
+from app.models import Dataset
+from app.schemas.common import Page, error_responses
+from app.schemas.datasets import DatasetOut
+from app.services import datasets as service
+from app.services.uploads import ReceivedUpload, receive_upload
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=error_responses())
+
+
+def dataset_out(dataset: Dataset) -> DatasetOut:
+    return DatasetOut.model_validate(
+        {
+            **{key: getattr(dataset, key) for key in DatasetOut.model_fields if hasattr(dataset, key)},
+            "error": {"code": dataset.error_code, "message": dataset.error_message}
+            if dataset.error_code
+            else None,
+        }
+    )
+
+
+def _store(storage: LocalStorage, upload: ReceivedUpload) -> DatasetOut:
+    with get_sessionmaker()() as session:
+        dataset = service.create_dataset(session, storage, upload)
+        out = dataset_out(dataset)
+        try:
+            session.commit()
+        except Exception:
+            storage.delete(dataset.storage_key)
+            raise
+        return out
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetOut,
+    summary="Upload a dataset",
+    responses=error_responses(413, 415),
+    openapi_extra=multipart_body(
+        {
+            "name": {
+                "type": "string",
+                "description": "A label; defaults to the file name.",
+                "example": "calib",
+            },
+            "preprocess": {
+                "type": "string",
+                "description": "Image-folder zips only: JSON with resize, crop, mean, std.",
+                "example": '{"resize": 256, "crop": 224}',
+            },
+        }
+    ),
+)
+async def upload_dataset(request: Request, settings: SettingsDep, storage: StorageDep) -> DatasetOut:
+    """Upload calibration, training or evaluation data: `.npz` or `.safetensors` with arrays named after the
+    model's inputs (a single input may be `x`) and optional `labels`. Inspected by a worker: poll until ready."""
+    await run_in_threadpool(require_broker, settings)
+    upload = await receive_upload(
+        request.stream(),
+        content_type=request.headers.get("content-type"),
+        content_length=request.headers.get("content-length"),
+        max_bytes=settings.max_upload_bytes,
+        allowed_fields={"name", "preprocess"},
+        storage=storage,
+    )
+    try:
+        return await run_in_threadpool(_store, storage, upload)
+    finally:
+        assert upload.file is not None
+        upload.file.tmp_path.unlink(missing_ok=True)
+
+
+@router.get("", response_model=Page[DatasetOut], summary="List datasets", responses=error_responses(400))
+def list_datasets(
+    session: SessionDep,
+    limit: LimitQuery = 20,
+    cursor: CursorQuery = None,
+    status: Literal["inspecting", "ready", "invalid"] | None = None,
+) -> Page[DatasetOut]:
+    """Datasets, newest first, one page at a time."""
+    rows, next_cursor = service.list_datasets(session, limit=limit, cursor=cursor, status=status)
+    return Page[DatasetOut](items=[dataset_out(row) for row in rows], next_cursor=next_cursor)
+
+
+@router.get(
+    "/{dataset_id}", response_model=DatasetOut, summary="Get a dataset", responses=error_responses(404)
+)
+def get_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
+    """One dataset with its tensors and sample count, or the reason it is invalid."""
+    return dataset_out(service.get_dataset(session, dataset_id))
+
+
+@router.delete(
+    "/{dataset_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a dataset",
+    responses=error_responses(404, 409),
+)
+def delete_dataset(dataset_id: str, session: SessionDep, storage: StorageDep) -> Response:
+    """Deletes the dataset; finished jobs keep their results. 409 while a queued or running job uses it."""
+    service.delete_dataset(session, storage, dataset_id)
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

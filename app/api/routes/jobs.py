@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request, Response, status
+from fastapi.responses import FileResponse
+
+from app.api.deps import SessionDep, SettingsDep, StorageDep, require_broker
+from app.api.routes.common import CursorQuery, LimitQuery
+from app.core.errors import NotFound
+from app.models import Job
+from app.schemas.common import Page, error_responses
+from app.schemas.jobs import ArtifactOut, BackendOut, JobCreate, JobOut, JobStatus, Progress
+from app.services import jobs as service
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses())
+
+
+def job_out(job: Job, artifacts: list[Any]) -> JobOut:
+    return JobOut(
+        id=job.id,
+        model_id=job.model_id,
+        calibration_dataset_id=job.calibration_dataset_id,
+        train_dataset_id=job.train_dataset_id,
+        eval_dataset_id=job.eval_dataset_id,
+        status=job.status,  # type: ignore[arg-type]
+        mode=job.mode,  # type: ignore[arg-type]
+        backend=BackendOut(requested=job.backend_requested, chosen=job.backend_chosen),  # type: ignore[arg-type]
+        config=job.config,
+        progress=Progress(stage=job.stage, percent=job.percent, message=job.message),
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        error={"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,  # type: ignore[arg-type]
+        metrics=job.metrics.data if job.metrics is not None else None,
+        artifacts=[
+            ArtifactOut(
+                name=a.name,
+                format=a.format,
+                size_bytes=a.size_bytes,
+                sha256=a.sha256,
+                url=f"/v1/jobs/{job.id}/artifacts/{a.name}",
+            )
+            for a in artifacts
+        ],
+        load_snippet=job.load_snippet,
+        runner=job.runner,
+        manifest=job.manifest,
+        report_url=f"/v1/jobs/{job.id}/report" if job.metrics is not None else None,
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    summary="Submit a quantization job",
+    responses=error_responses(404, 409),
+)
+def create_job(
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobOut:
+    """Checks the model and datasets (ready, shapes, what the mode needs), records the job and queues it.
+    Poll the job until `status` is succeeded, failed or cancelled. A repeated `Idempotency-Key` returns the
+    first job."""
+    require_broker(settings)
+    job, _created = service.create_job(session, settings, body, idempotency_key)
+    session.commit()
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_out(job, service.artifacts_of(session, job.id))
+
+
+@router.get("", response_model=Page[JobOut], summary="List jobs", responses=error_responses(400))
+def list_jobs(
+    session: SessionDep,
+    limit: LimitQuery = 20,
+    cursor: CursorQuery = None,
+    status: JobStatus | None = None,
+    model_id: str | None = None,
+) -> Page[JobOut]:
+    """Jobs, newest first, filtered by status and model."""
+    rows, next_cursor = service.list_jobs(
+        session, limit=limit, cursor=cursor, status=status, model_id=model_id
+    )
+    return Page[JobOut](
+        items=[job_out(job, service.artifacts_of(session, job.id)) for job in rows], next_cursor=next_cursor
+    )
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="Get a job", responses=error_responses(404))
+def get_job(job_id: str, session: SessionDep) -> JobOut:
+    """Status, progress, metrics, artifacts and, on failure, `error` with a stable code."""
+    return job_out(service.get_job(session, job_id), service.artifacts_of(session, job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    summary="Cancel a job",
+    responses=error_responses(404, 409),
+)
+def cancel_job(job_id: str, session: SessionDep) -> JobOut:
+    """A queued job is cancelled at once; a running one within seconds (its runner is stopped)."""
+    job = service.cancel_job(session, job_id)
+    session.commit()
+    return job_out(job, service.artifacts_of(session, job_id))
+
+
+@router.get(
+    "/{job_id}/report",
+    summary="The job's full metrics",
+    responses=error_responses(404),
+)
+def get_report(job_id: str, session: SessionDep) -> dict[str, Any]:
+    """Metrics, configuration and manifest of a finished job."""
+    job = service.get_job(session, job_id)
+    if job.metrics is None:
+        raise NotFound(
+            f"job {job_id} has no report yet (status {job.status}): poll the job", code="report_not_found"
+        )
+    return {
+        "job_id": job.id,
+        "mode": job.mode,
+        "backend": {"requested": job.backend_requested, "chosen": job.backend_chosen},
+        "config": job.config,
+        "metrics": job.metrics.data,
+        "manifest": job.manifest,
+    }
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    summary="Download an artifact",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "The file; Range requests supported.",
+        },
+        304: {"description": "Not modified (If-None-Match matched the ETag)"},
+        **error_responses(404),
+    },
+)
+def download_artifact(
+    job_id: str, name: str, request: Request, session: SessionDep, storage: StorageDep
+) -> Response:
+    """Streams the file with `ETag` (its sha256) and `Repr-Digest: sha-256=:…:` (RFC 9530)."""
+    artifact = service.get_artifact(session, job_id, name)
+    etag = f'"{artifact.sha256}"'
+    digest = base64.b64encode(bytes.fromhex(artifact.sha256)).decode()
+    headers = {"etag": etag, "repr-digest": f"sha-256=:{digest}:", "cache-control": "private, max-age=0"}
+    if request.headers.get("if-none-match") in (etag, "*"):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    return FileResponse(
+        storage.path(artifact.storage_key),
+        media_type="application/octet-stream",
+        filename=artifact.name,
+        headers=headers,
+    )

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from app.api.deps import SessionDep, SettingsDep, StorageDep, require_broker
+from app.api.routes.common import CursorQuery, LimitQuery, multipart_body
+from app.core.db import get_sessionmaker
+from app.core.storage import LocalStorage
+from app.models import Model
+from app.schemas.common import Page, error_responses
+from app.schemas.models import ModelOut
+from app.services import models as service
+from app.services.uploads import ReceivedUpload, receive_upload
+
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses())
+
+
+def model_out(model: Model) -> ModelOut:
+    return ModelOut.model_validate(
+        {
+            **{key: getattr(model, key) for key in ModelOut.model_fields if hasattr(model, key)},
+            "error": {"code": model.error_code, "message": model.error_message} if model.error_code else None,
+        }
+    )
+
+
+def _store(storage: LocalStorage, upload: ReceivedUpload) -> ModelOut:
+    with get_sessionmaker()() as session:
+        model = service.create_model(session, storage, upload)
+        out = model_out(model)
+        try:
+            session.commit()
+        except Exception:
+            storage.delete(model.storage_key)
+            raise
+        return out
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ModelOut,
+    summary="Upload a model",
+    responses=error_responses(413, 415),
+    openapi_extra=multipart_body(
+        {
+            "name": {
+                "type": "string",
+                "description": "A label; defaults to the file name.",
+                "example": "mlp",
+            },
+            "input_shapes": {
+                "type": "string",
+                "description": "TorchScript only: JSON object of input name to shape, null for dynamic dims.",
+                "example": '{"x": [null, 256]}',
+            },
+        }
+    ),
+)
+async def upload_model(request: Request, settings: SettingsDep, storage: StorageDep) -> ModelOut:
+    """Upload a torch.export program (.pt2) or a TorchScript archive. It is inspected by a worker: poll until
+    `status` is `ready` (or `invalid`, with `error` saying why)."""
+    await run_in_threadpool(require_broker, settings)
+    upload = await receive_upload(
+        request.stream(),
+        content_type=request.headers.get("content-type"),
+        content_length=request.headers.get("content-length"),
+        max_bytes=settings.max_upload_bytes,
+        allowed_fields={"name", "input_shapes"},
+        storage=storage,
+    )
+    try:
+        return await run_in_threadpool(_store, storage, upload)
+    finally:
+        assert upload.file is not None
+        upload.file.tmp_path.unlink(missing_ok=True)
+
+
+@router.get("", response_model=Page[ModelOut], summary="List models", responses=error_responses(400))
+def list_models(
+    session: SessionDep,
+    limit: LimitQuery = 20,
+    cursor: CursorQuery = None,
+    status: Literal["inspecting", "ready", "invalid"] | None = None,
+) -> Page[ModelOut]:
+    """Models, newest first, one page at a time."""
+    rows, next_cursor = service.list_models(session, limit=limit, cursor=cursor, status=status)
+    return Page[ModelOut](items=[model_out(row) for row in rows], next_cursor=next_cursor)
+
+
+@router.get("/{model_id}", response_model=ModelOut, summary="Get a model", responses=error_responses(404))
+def get_model(model_id: str, session: SessionDep) -> ModelOut:
+    """One model with its inspection (inputs, parameters, layers) or the reason it is invalid."""
+    return model_out(service.get_model(session, model_id))
+
+
+@router.get(
+    "/{model_id}/file",
+    summary="Download the uploaded model file",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(404)},
+)
+def download_model_file(model_id: str, session: SessionDep, storage: StorageDep) -> FileResponse:
+    """The file exactly as uploaded."""
+    model = service.get_model(session, model_id)
+    return FileResponse(
+        storage.path(model.storage_key),
+        media_type="application/octet-stream",
+        filename=model.name,
+        headers={"etag": f'"{model.sha256}"'},
+    )
+
+
+@router.delete(
+    "/{model_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a model",
+    responses=error_responses(404, 409),
+)
+def delete_model(model_id: str, session: SessionDep, storage: StorageDep) -> Response:
+    """Deletes the model, its finished jobs and their artifacts. 409 while one of its jobs is queued or running."""
+    service.delete_model(session, storage, model_id)
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,66 @@
+"""Settings, read once from the environment (prefix QAAS_). Defaults are the embedded single-machine ones."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEFAULT_DATA_DIR = Path("var")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QAAS_", extra="ignore")
+
+    data_dir: Path = Field(_DEFAULT_DATA_DIR, description="Uploads, artifacts and the embedded SQLite files.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite in DATA_DIR/qaas.sqlite.")
+    broker_url: str = Field(
+        "", description="Celery broker; empty means kombu's SQLite transport in DATA_DIR."
+    )
+    auth: Literal["disabled", "required"] = "disabled"
+
+    max_upload_bytes: int = Field(2 * 1024**3, ge=1024, description="Largest accepted upload (413 above).")
+    upload_chunk_bytes: int = Field(1024 * 1024, ge=4096)
+
+    job_timeout_s: int = Field(3600, ge=10, le=24 * 3600, description="Default and upper bound per job.")
+    inspect_timeout_s: int = Field(300, ge=10, description="Wall-clock limit for inspecting one upload.")
+    broker_visibility_timeout_s: int = Field(
+        6 * 3600, ge=60, description="Redis visibility timeout; task time limits stay below it."
+    )
+    broker_polling_interval_s: float = Field(0.1, gt=0, le=5, description="Embedded SQLite broker polling.")
+    worker_concurrency: int = Field(1, ge=1, le=64)
+    heartbeat_s: float = Field(5.0, gt=0, le=300)
+    readiness_timeout_s: float = Field(2.0, gt=0, le=30)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'qaas.sqlite'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.data_dir / "work"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

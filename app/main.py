@@ -1,0 +1,85 @@
+"""create_app(): routers, the one error format, offline Swagger UI."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api.routes import datasets, health, jobs, models
+from app.core import errors
+
+log = logging.getLogger("qaas.api")
+
+# The one table from domain errors to HTTP statuses.
+STATUS = {
+    errors.InvalidRequest: 422,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.PayloadTooLarge: 413,
+    errors.UnsupportedMediaType: 415,
+    errors.RangeNotSatisfiable: 416,
+    errors.ServiceUnavailable: 503,
+}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 416: "range_not_satisfiable"}
+
+
+def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    parts = []
+    for item in exc.errors()[:10]:
+        where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts) + " (see the schema at /docs)"
+
+
+def create_app() -> FastAPI:
+    app = FastAPIOffline(
+        title="qaas",
+        version="0.1.0",
+        summary="Quantization as a service: upload a PyTorch model, get back a verified int8 model.",
+        swagger_ui_parameters={"tryItOutEnabled": True},
+        redoc_url=None,
+    )
+
+    @app.exception_handler(errors.QaasError)
+    async def _qaas_error(_request: Request, exc: errors.QaasError) -> JSONResponse:
+        status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 400)
+        return _error(status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, "validation_error", _validation_detail(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    async def _database_error(_request: Request, exc: DBAPIError) -> JSONResponse:
+        if not exc.connection_invalidated and not isinstance(exc, OperationalError):
+            log.exception("database error")
+            return _error(500, "internal_error", "an unexpected database error happened; it was logged")
+        log.warning("database unavailable: %s", exc.orig)
+        return _error(
+            503, "database_unavailable", "the database is unreachable: retry shortly", {"Retry-After": "5"}
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error(500, "internal_error", "an unexpected error happened; it was logged")
+
+    for router in (models.router, datasets.router, jobs.router, health.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,8 @@
+"""SQLAlchemy tables. Importing this package registers every table on Base.metadata."""
+
+from app.models.artifact import Artifact
+from app.models.dataset import Dataset
+from app.models.job import Job, JobMetrics
+from app.models.model import Model
+
+__all__ = ["Artifact", "Dataset", "Job", "JobMetrics", "Model"]

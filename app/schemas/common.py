@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer has this shape."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"example": {"error": "model_not_found", "detail": "no model with id 'mdl_x': …"}}
+    )
+    error: str = Field(description="Stable snake_case code, safe to branch on.")
+    detail: str = Field(description="What happened and what to do about it.")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` to get the next page; null at the end."
+    )
+
+
+class ObjectError(BaseModel):
+    code: str
+    message: str
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI `responses` entries declaring the one error schema for the given statuses (422 always)."""
+    descriptions = {
+        400: "Bad request",
+        404: "Not found",
+        409: "Conflict with the object's state",
+        413: "Upload larger than QAAS_MAX_UPLOAD_BYTES",
+        415: "Wrong content type",
+        416: "Range not satisfiable",
+        422: "The request cannot work: the detail says why",
+        503: "Database or broker unavailable",
+    }
+    codes = sorted(set(statuses) | {422, 503})
+    return {code: {"model": ErrorBody, "description": descriptions[code]} for code in codes}

@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas.common import ObjectError
+
+Mode = Literal["dynamic", "static", "qat"]
+Backend = Literal["auto", "fbgemm", "x86"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QATOptions(_Strict):
+    epochs: int = Field(1, ge=1, le=100)
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    batch_size: int = Field(32, ge=1, le=1024)
+    freeze_observers_after: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class JobOptions(_Strict):
+    weight_granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    activation_observer: Literal["minmax", "moving_average", "histogram"] = "histogram"
+    exclude: list[str] = Field(
+        default_factory=list, max_length=256, description="Layer names or types kept float."
+    )
+    calibration_batches: int = Field(32, ge=1, le=10_000)
+    batch_size: int = Field(8, ge=1, le=1024)
+    quantize_embeddings: bool | None = Field(None, description="Default: on for Hugging Face models only.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    qat: QATOptions = Field(default_factory=QATOptions)
+
+
+class BenchmarkOptions(_Strict):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1, max_length=8)
+    threads: int = Field(1, ge=1, le=64)
+    iterations: int = Field(50, ge=1, le=10_000)
+
+    def model_post_init(self, _context: Any) -> None:
+        for size in self.batch_sizes:
+            if not 1 <= size <= 256:
+                raise ValueError(f"benchmark batch size {size} is out of range: use 1 to 256")
+
+
+class JobCreate(_Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"model_id": "mdl_01jf3k9v2q8x7w6t5r4p3n2m1", "mode": "dynamic", "backend": "fbgemm"},
+                {
+                    "model_id": "mdl_01jf3k9v2q8x7w6t5r4p3n2m1",
+                    "mode": "dynamic",
+                    "backend": "auto",
+                    "eval_dataset_id": "ds_01jf3k9v2q8x7w6t5r4p3n2m1",
+                    "benchmark": {"batch_sizes": [1, 8], "threads": 1, "iterations": 50},
+                    "timeout_s": 1800,
+                },
+            ]
+        },
+    )
+    model_id: str = Field(max_length=40)
+    mode: Mode
+    backend: Backend = "auto"
+    calibration_dataset_id: str | None = Field(None, max_length=40)
+    train_dataset_id: str | None = Field(None, max_length=40)
+    eval_dataset_id: str | None = Field(None, max_length=40)
+    options: JobOptions = Field(default_factory=JobOptions)
+    benchmark: BenchmarkOptions = Field(default_factory=BenchmarkOptions)
+    timeout_s: int | None = Field(None, ge=10, le=24 * 3600, description="Default: QAAS_JOB_TIMEOUT_S.")
+
+
+class Progress(BaseModel):
+    stage: str | None = Field(
+        None, description="loading, calibrating, training, converting, verifying, benchmarking, saving"
+    )
+    percent: float
+    message: str | None = None
+
+
+class BackendOut(BaseModel):
+    requested: Backend
+    chosen: str | None = None
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    format: str
+    size_bytes: int
+    sha256: str
+    url: str
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "id": "job_01jf3k9v2q8x7w6t5r4p3n2m1",
+                "model_id": "mdl_01jf3k9v2q8x7w6t5r4p3n2m1",
+                "status": "succeeded",
+                "mode": "dynamic",
+                "backend": {"requested": "auto", "chosen": "fbgemm"},
+                "progress": {"stage": "saving", "percent": 100.0, "message": "done"},
+                "attempts": 1,
+                "artifacts": [
+                    {
+                        "name": "model.int8.ts",
+                        "format": "torchscript",
+                        "size_bytes": 289536,
+                        "sha256": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                        "url": "/v1/jobs/job_01jf3k9v2q8x7w6t5r4p3n2m1/artifacts/model.int8.ts",
+                    }
+                ],
+            }
+        }
+    )
+    id: str
+    model_id: str
+    calibration_dataset_id: str | None = None
+    train_dataset_id: str | None = None
+    eval_dataset_id: str | None = None
+    status: JobStatus
+    mode: Mode
+    backend: BackendOut
+    config: dict[str, Any]
+    progress: Progress
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: ObjectError | None = None
+    metrics: dict[str, Any] | None = None
+    artifacts: list[ArtifactOut] = Field(default_factory=list)
+    load_snippet: str | None = None
+    runner: dict[str, Any] | None = None
+    manifest: dict[str, Any] | None = None
+    report_url: str | None = None

@@ -1,0 +1,112 @@
+"""Use cases for uploaded datasets. The API reads no dataset itself: a runner inspects it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from app.core import queue
+from app.core.db import after_commit
+from app.core.errors import Conflict, InvalidRequest, not_found
+from app.core.ids import new_id
+from app.core.storage import LocalStorage
+from app.models import Dataset, Job
+from app.services.models import ACTIVE_JOB_STATUSES
+from app.services.pagination import paginate
+from app.services.uploads import ReceivedUpload
+
+_DATASET_COLUMNS = (Job.calibration_dataset_id, Job.train_dataset_id, Job.eval_dataset_id)
+
+
+def parse_preprocess(raw: str | None) -> dict[str, Any] | None:
+    if raw is None or raw.strip() == "":
+        return None
+    hint = 'send JSON like {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}'
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"preprocess is not valid JSON ({exc.msg}): {hint}", code="invalid_preprocess"
+        ) from None
+    allowed = {"resize", "crop", "mean", "std"}
+    if not isinstance(value, dict) or not set(value) <= allowed:
+        raise InvalidRequest(
+            f"preprocess must be an object with keys among {sorted(allowed)}: {hint}",
+            code="invalid_preprocess",
+        )
+    return value
+
+
+def create_dataset(session: Session, storage: LocalStorage, upload: ReceivedUpload) -> Dataset:
+    assert upload.file is not None
+    preprocess = parse_preprocess(upload.fields.get("preprocess"))
+    dataset_id = new_id("ds")
+    key = f"uploads/{dataset_id}.bin"
+    storage.commit(upload.file.tmp_path, key)
+    dataset = Dataset(
+        id=dataset_id,
+        name=(upload.fields.get("name") or upload.file.filename)[:200],
+        size_bytes=upload.file.size_bytes,
+        sha256=upload.file.sha256,
+        storage_key=key,
+        status="inspecting",
+        preprocess=preprocess,
+    )
+    session.add(dataset)
+    session.flush()
+    after_commit(session, lambda: queue.enqueue(queue.INSPECT_DATASET, dataset_id))
+    return dataset
+
+
+def get_dataset(session: Session, dataset_id: str) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise not_found("dataset", dataset_id)
+    return dataset
+
+
+def list_datasets(
+    session: Session, *, limit: int, cursor: str | None, status: str | None
+) -> tuple[list[Dataset], str | None]:
+    query = select(Dataset)
+    if status:
+        query = query.where(Dataset.status == status)
+    return paginate(session, query, Dataset.id, limit, cursor)
+
+
+def delete_dataset(session: Session, storage: LocalStorage, dataset_id: str) -> None:
+    """Delete the dataset; finished jobs keep their results and lose the reference. Refused while in use."""
+    dataset = get_dataset(session, dataset_id)
+    uses = or_(*(column == dataset_id for column in _DATASET_COLUMNS))
+    active = session.scalar(select(Job.id).where(uses, Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1))
+    if active is not None:
+        raise Conflict(
+            f"dataset {dataset_id} is used by a job in progress ({active}): cancel it or wait, then delete",
+            code="dataset_in_use",
+        )
+    for column in _DATASET_COLUMNS:
+        session.execute(update(Job).where(column == dataset_id).values({column.key: None}))
+    key = dataset.storage_key
+    session.delete(dataset)
+    after_commit(session, lambda: storage.delete(key))
+
+
+def record_inspection(
+    session: Session, dataset_id: str, *, result: dict[str, Any] | None, error: tuple[str, str] | None
+) -> None:
+    dataset = session.get(Dataset, dataset_id, with_for_update=True)
+    if dataset is None or dataset.status != "inspecting":
+        return
+    if error is not None:
+        dataset.status = "invalid"
+        dataset.error_code, dataset.error_message = error
+        return
+    assert result is not None
+    dataset.status = "ready"
+    dataset.format = result.get("format")
+    dataset.num_samples = result.get("num_samples")
+    dataset.tensors = result.get("tensors")
+    dataset.has_labels = bool(result.get("has_labels"))

@@ -1,0 +1,340 @@
+"""Job use cases: create (validated from the database), read, list, cancel; and the worker's side:
+claim with a conditional update and a lease, progress, finish, fail."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core import queue
+from app.core.capabilities import unsupported_reason
+from app.core.config import Settings
+from app.core.db import after_commit
+from app.core.errors import Conflict, InvalidRequest, NotFound, not_found
+from app.core.ids import new_id
+from app.models import Artifact, Dataset, Job, JobMetrics
+from app.models.common import utcnow
+from app.schemas.jobs import JobCreate
+from app.services.datasets import get_dataset
+from app.services.models import get_model
+from app.services.pagination import paginate
+from app.services.shapes import shape_mismatch
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _request_digest(request: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _ready_dataset(session: Session, dataset_id: str, role: str) -> Dataset:
+    dataset = get_dataset(session, dataset_id)
+    if dataset.status == "inspecting":
+        raise Conflict(
+            f"the {role} dataset {dataset_id} is still being inspected: poll GET /v1/datasets/{dataset_id} "
+            "until it is ready",
+            code="dataset_not_ready",
+        )
+    if dataset.status == "invalid":
+        raise Conflict(
+            f"the {role} dataset {dataset_id} is invalid ({dataset.error_message}): upload a corrected file",
+            code="dataset_not_ready",
+        )
+    return dataset
+
+
+def create_job(
+    session: Session, settings: Settings, request: JobCreate, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """Validate against the stored model and datasets, insert the job, enqueue its id after commit.
+
+    Returns (job, created); a repeated Idempotency-Key with the same body returns the first job.
+    """
+    digest = _request_digest(request)
+    if idempotency_key is not None:
+        existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.request_sha256 != digest:
+                raise Conflict(
+                    "this Idempotency-Key was already used with a different request body: use a new key",
+                    code="idempotency_key_reused",
+                )
+            return existing, False
+
+    model = get_model(session, request.model_id)
+    if model.status == "inspecting":
+        raise Conflict(
+            f"model {model.id} is still being inspected: poll GET /v1/models/{model.id} until its status is ready",
+            code="model_not_ready",
+        )
+    if model.status == "invalid":
+        raise Conflict(
+            f"model {model.id} is invalid ({model.error_message}): upload a corrected model",
+            code="model_not_ready",
+        )
+    assert model.format is not None and model.inspection is not None
+
+    reason = unsupported_reason(model.format, request.mode, request.backend)
+    if reason:
+        raise InvalidRequest(reason, code="unsupported_combination")
+    if request.mode == "static" and request.calibration_dataset_id is None:
+        raise InvalidRequest(
+            "static quantization needs calibration data: set calibration_dataset_id", code="dataset_required"
+        )
+    if request.mode == "qat" and request.train_dataset_id is None:
+        raise InvalidRequest(
+            "quantization-aware training needs training data: set train_dataset_id", code="dataset_required"
+        )
+
+    roles = {
+        "calibration": request.calibration_dataset_id,
+        "train": request.train_dataset_id,
+        "eval": request.eval_dataset_id,
+    }
+    for role, dataset_id in roles.items():
+        if dataset_id is None:
+            continue
+        dataset = _ready_dataset(session, dataset_id, role)
+        mismatch = shape_mismatch(role, model.inspection["inputs"], dataset.tensors or {})
+        if mismatch:
+            raise InvalidRequest(mismatch, code="dataset_mismatch")
+        if role == "train" and not dataset.has_labels:
+            raise InvalidRequest(
+                f"the training dataset {dataset_id} has no 'labels' array: QAT needs labels",
+                code="labels_required",
+            )
+
+    timeout_s = min(request.timeout_s or settings.job_timeout_s, settings.job_timeout_s)
+    config = request.model_dump(mode="json", exclude={"model_id"}) | {"timeout_s": timeout_s}
+    job = Job(
+        id=new_id("job"),
+        model_id=model.id,
+        calibration_dataset_id=request.calibration_dataset_id,
+        train_dataset_id=request.train_dataset_id,
+        eval_dataset_id=request.eval_dataset_id,
+        status="queued",
+        mode=request.mode,
+        backend_requested=request.backend,
+        config=config,
+        idempotency_key=idempotency_key,
+        request_sha256=digest,
+        percent=0.0,
+        attempts=0,
+        message="waiting for a worker",
+    )
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:
+        # Two requests with the same Idempotency-Key raced; the loser answers like a repeat.
+        session.rollback()
+        existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        if existing is None or existing.request_sha256 != digest:
+            raise
+        return existing, False
+    job_id = job.id
+    after_commit(session, lambda: queue.enqueue(queue.RUN_JOB, job_id))
+    return job, True
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def list_jobs(
+    session: Session, *, limit: int, cursor: str | None, status: str | None, model_id: str | None
+) -> tuple[list[Job], str | None]:
+    query = select(Job)
+    if status:
+        query = query.where(Job.status == status)
+    if model_id:
+        query = query.where(Job.model_id == model_id)
+    return paginate(session, query, Job.id, limit, cursor)
+
+
+def artifacts_of(session: Session, job_id: str) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
+
+
+def get_artifact(session: Session, job_id: str, name: str) -> Artifact:
+    get_job(session, job_id)
+    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+    if artifact is None:
+        names = ", ".join(a.name for a in artifacts_of(session, job_id)) or "none yet"
+        raise NotFound(
+            f"job {job_id} has no artifact named '{name}' (it has: {names})", code="artifact_not_found"
+        )
+    return artifact
+
+
+def cancel_job(session: Session, job_id: str) -> Job:
+    """Queued jobs end at once; a running job is flagged and its worker stops the runner within seconds."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None:
+        raise not_found("job", job_id)
+    if job.status in TERMINAL:
+        raise Conflict(
+            f"job {job_id} has already finished ({job.status}): nothing to cancel", code="job_finished"
+        )
+    now = utcnow()
+    job.cancel_requested_at = now
+    if job.status == "queued":
+        job.status = "cancelled"
+        job.finished_at = now
+        job.message = "cancelled before it started"
+    else:
+        job.message = "cancelling"
+    return job
+
+
+# --- the worker's side -------------------------------------------------------------------------------------
+
+
+def claim_job(session: Session, job_id: str, worker_id: str, lease_s: float) -> Job | None:
+    """Take a queued job with a conditional update; None when someone else has it or it is finished."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(
+            status="running",
+            attempts=Job.attempts + 1,
+            worker_id=worker_id,
+            started_at=now,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            stage="loading",
+            percent=0.0,
+            message="starting the runner",
+        )
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def record_progress(
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    lease_s: float,
+    stage: str | None,
+    percent: float | None,
+    message: str | None,
+) -> bool:
+    """Store progress and extend the lease. Returns True when the job should stop (cancelled or lost)."""
+    values: dict[str, Any] = {"lease_expires_at": utcnow() + timedelta(seconds=lease_s)}
+    if stage is not None:
+        values["stage"] = stage
+    if percent is not None:
+        values["percent"] = max(0.0, min(100.0, float(percent)))
+    if message is not None:
+        values["message"] = message[:2000]
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+        .values(values)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return True
+    cancel_at = session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id))
+    return cancel_at is not None
+
+
+def _finish(session: Session, job_id: str, worker_id: str, **values: Any) -> bool:
+    values.setdefault("finished_at", utcnow())
+    values["lease_expires_at"] = None
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+        .values(values)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def fail_job(session: Session, job_id: str, worker_id: str, code: str, message: str) -> bool:
+    return _finish(session, job_id, worker_id, status="failed", error_code=code, error_message=message[:4000])
+
+
+def mark_cancelled(session: Session, job_id: str, worker_id: str) -> bool:
+    return _finish(session, job_id, worker_id, status="cancelled", message="cancelled while running")
+
+
+@dataclass
+class StoredArtifact:
+    name: str
+    format: str
+    size_bytes: int
+    sha256: str
+    storage_key: str
+
+
+def succeed_job(
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    *,
+    backend: str,
+    metrics: dict[str, Any],
+    artifacts: list[StoredArtifact],
+    load_snippet: str,
+    manifest: dict[str, Any],
+    runner: dict[str, Any],
+) -> bool:
+    """Commit metrics and artifacts and mark the job succeeded, all in the caller's one transaction.
+    False (and nothing written) when the job is no longer ours, e.g. cancelled meanwhile."""
+    finished: datetime = utcnow()
+    if not _finish(
+        session,
+        job_id,
+        worker_id,
+        status="succeeded",
+        backend_chosen=backend,
+        stage="saving",
+        percent=100.0,
+        message="done",
+        load_snippet=load_snippet,
+        manifest=manifest,
+        runner=runner,
+        finished_at=finished,
+    ):
+        return False
+    for artifact in artifacts:
+        session.add(
+            Artifact(
+                id=new_id("art"),
+                job_id=job_id,
+                name=artifact.name,
+                format=artifact.format,
+                size_bytes=artifact.size_bytes,
+                sha256=artifact.sha256,
+                storage_key=artifact.storage_key,
+            )
+        )
+    size = metrics.get("size") or {}
+    fidelity = metrics.get("fidelity") or {}
+    latency = metrics.get("latency") or []
+    first = next((row for row in latency if row.get("batch_size") == 1), latency[0] if latency else {})
+    session.add(
+        JobMetrics(
+            job_id=job_id,
+            fp32_bytes=size.get("fp32_bytes"),
+            int8_bytes=size.get("int8_bytes"),
+            size_ratio=size.get("ratio"),
+            speedup=first.get("speedup"),
+            sqnr_db=fidelity.get("sqnr_db"),
+            cosine=fidelity.get("cosine"),
+            accuracy_delta=(metrics.get("accuracy") or {}).get("delta"),
+            data=metrics,
+        )
+    )
+    return True

@@ -1,0 +1,200 @@
+"""Streaming multipart uploads: size-checked before reading, written to disk in chunks, hashed while
+streaming, stopped at the byte limit with nothing left behind.
+
+Starlette's `UploadFile` reads the whole body before any dependency runs, so upload routes hand
+`request.stream()` to `receive_upload` instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from app.core.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from app.core.storage import LocalStorage
+
+MAX_FIELD_BYTES = 64 * 1024
+MULTIPART_OVERHEAD_BYTES = 64 * 1024 + 8 * MAX_FIELD_BYTES
+
+
+@dataclass
+class ReceivedFile:
+    tmp_path: Path
+    filename: str
+    size_bytes: int
+    sha256: str
+
+
+@dataclass
+class ReceivedUpload:
+    fields: dict[str, str] = field(default_factory=dict)
+    file: ReceivedFile | None = None
+
+
+class _Part:
+    def __init__(self) -> None:
+        self.headers: dict[bytes, bytes] = {}
+        self.name = ""
+        self.filename: str | None = None
+        self.value = bytearray()
+        self.handle: BinaryIO | None = None
+        self.tmp_path: Path | None = None
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+
+async def receive_upload(
+    stream: AsyncIterator[bytes],
+    *,
+    content_type: str | None,
+    content_length: str | None,
+    max_bytes: int,
+    allowed_fields: set[str],
+    storage: LocalStorage,
+) -> ReceivedUpload:
+    """Parse a multipart body with one `file` part. The caller owns `result.file.tmp_path` on success."""
+    ctype, params = parse_options_header(content_type or "")
+    if ctype != b"multipart/form-data" or b"boundary" not in params:
+        raise UnsupportedMediaType(
+            "send the upload as multipart/form-data with the file in a part named 'file' (curl -F file=@model.pt2)"
+        )
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise InvalidRequest(
+                "the Content-Length header is not a number", code="invalid_content_length"
+            ) from None
+        if declared > max_bytes + MULTIPART_OVERHEAD_BYTES:
+            raise _too_large(max_bytes)
+
+    result = ReceivedUpload()
+    parts: list[_Part] = []
+    header_field = bytearray()
+    header_value = bytearray()
+    errors: list[Exception] = []
+
+    def on_part_begin() -> None:
+        parts.append(_Part())
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header_field.extend(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header_value.extend(data[start:end])
+
+    def on_header_end() -> None:
+        parts[-1].headers[bytes(header_field).lower()] = bytes(header_value)
+        header_field.clear()
+        header_value.clear()
+
+    def on_headers_finished() -> None:
+        part = parts[-1]
+        _, options = parse_options_header(part.headers.get(b"content-disposition", b""))
+        part.name = options.get(b"name", b"").decode("utf-8", "replace")
+        if b"filename" in options:
+            part.filename = options[b"filename"].decode("utf-8", "replace")
+        if part.name == "file":
+            if any(earlier.tmp_path is not None for earlier in parts[:-1]):
+                errors.append(InvalidRequest("send exactly one part named 'file'", code="multiple_files"))
+                return
+            part.tmp_path = storage.temp_path()
+            part.handle = open(part.tmp_path, "wb")  # noqa: SIM115 (closed in on_part_end or cleanup)
+        elif part.name not in allowed_fields:
+            allowed = ", ".join(sorted(allowed_fields | {"file"}))
+            errors.append(
+                InvalidRequest(
+                    f"unknown form field '{part.name}': allowed are {allowed}", code="unknown_field"
+                )
+            )
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        part = parts[-1]
+        chunk = data[start:end]
+        if part.handle is not None:
+            part.size += len(chunk)
+            if part.size > max_bytes:
+                errors.append(_too_large(max_bytes))
+                return
+            part.digest.update(chunk)
+            part.handle.write(chunk)
+        else:
+            part.value.extend(chunk)
+            if len(part.value) > MAX_FIELD_BYTES:
+                errors.append(
+                    InvalidRequest(
+                        f"form field '{part.name}' is over {MAX_FIELD_BYTES} bytes", code="field_too_large"
+                    )
+                )
+
+    def on_part_end() -> None:
+        part = parts[-1]
+        if part.handle is not None:
+            part.handle.close()
+            part.handle = None
+            result.file = ReceivedFile(
+                tmp_path=part.tmp_path,  # type: ignore[arg-type]
+                filename=(part.filename or "upload")[:200],
+                size_bytes=part.size,
+                sha256=part.digest.hexdigest(),
+            )
+        elif part.name:
+            result.fields[part.name] = part.value.decode("utf-8", "replace")
+
+    parser = MultipartParser(
+        params[b"boundary"],
+        callbacks={
+            "on_part_begin": on_part_begin,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+        },
+    )
+
+    def cleanup() -> None:
+        for part in parts:
+            if part.handle is not None:
+                part.handle.close()
+            if part.tmp_path is not None:
+                part.tmp_path.unlink(missing_ok=True)
+
+    try:
+        async for chunk in stream:
+            parser.write(chunk)
+            if errors:
+                raise errors[0]
+        parser.finalize()
+        if errors:
+            raise errors[0]
+    except Exception as exc:
+        cleanup()
+        if isinstance(exc, (InvalidRequest, PayloadTooLarge)):
+            raise
+        raise InvalidRequest(
+            f"the multipart body could not be parsed: {exc}", code="malformed_multipart"
+        ) from exc
+    if result.file is None:
+        cleanup()
+        raise InvalidRequest(
+            "the upload has no part named 'file': send it with -F file=@PATH", code="file_missing"
+        )
+    if result.file.size_bytes == 0:
+        cleanup()
+        raise InvalidRequest("the uploaded file is empty", code="empty_file")
+    return result
+
+
+def _too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"the upload is larger than the limit of {max_bytes} bytes (QAAS_MAX_UPLOAD_BYTES): send a smaller file "
+        "or ask the operator to raise the limit",
+        code="upload_too_large",
+    )

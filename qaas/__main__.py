@@ -1,0 +1,3 @@
+from qaas.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,168 @@
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from app.core.db import session_scope
+from app.core.storage import get_storage
+from app.services import jobs as job_service
+from tests.api.conftest import make_ready_dataset, make_ready_model, upload
+
+
+def submit(client: TestClient, **body):
+    return client.post("/v1/jobs", json={"mode": "dynamic", "backend": "fbgemm"} | body)
+
+
+def test_create_get_and_list_job(client: TestClient) -> None:
+    model_id = make_ready_model(client)
+    response = submit(client, model_id=model_id)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "queued"
+    assert job["backend"] == {"requested": "fbgemm", "chosen": None}
+    assert job["config"]["benchmark"]["batch_sizes"] == [1, 8]
+    assert job["config"]["timeout_s"] == 3600
+    assert job["attempts"] == 0
+    assert client.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
+    listed = client.get("/v1/jobs", params={"model_id": model_id, "status": "queued"}).json()
+    assert [item["id"] for item in listed["items"]] == [job["id"]]
+    assert client.get("/v1/jobs", params={"status": "running"}).json()["items"] == []
+
+
+def test_model_not_ready_is_409(client: TestClient) -> None:
+    model_id = upload(client, "/v1/models", b"abc").json()["id"]
+    response = submit(client, model_id=model_id)
+    assert response.status_code == 409
+    assert response.json()["error"] == "model_not_ready"
+    assert client.get("/v1/jobs").json()["items"] == []
+
+
+def test_unknown_model_is_404(client: TestClient) -> None:
+    response = submit(client, model_id="mdl_missing")
+    assert response.status_code == 404
+    assert response.json()["error"] == "model_not_found"
+
+
+def test_malformed_bodies_are_422_with_the_error_schema(client: TestClient) -> None:
+    model_id = make_ready_model(client)
+    cases = [
+        {"model_id": model_id, "mode": "turbo"},
+        {"model_id": model_id, "mode": "dynamic", "surprise": 1},
+        {"model_id": model_id, "mode": "dynamic", "benchmark": {"batch_sizes": [0]}},
+        {"model_id": model_id, "mode": "dynamic", "benchmark": {"iterations": 10**9}},
+        {"mode": "dynamic"},
+    ]
+    for body in cases:
+        response = client.post("/v1/jobs", json=body)
+        assert response.status_code == 422, body
+        assert response.json()["error"] == "validation_error"
+        assert response.json()["detail"]
+    not_json = client.post("/v1/jobs", content=b"{", headers={"content-type": "application/json"})
+    assert not_json.status_code == 422
+
+
+def test_unsupported_combination_and_missing_data(client: TestClient) -> None:
+    model_id = make_ready_model(client)
+    x86 = submit(client, model_id=model_id, backend="x86")
+    assert x86.status_code == 422 and x86.json()["error"] == "unsupported_combination"
+    static = submit(client, model_id=model_id, mode="static")
+    assert static.status_code == 422
+
+
+def test_dataset_shapes_are_checked_against_the_model(client: TestClient) -> None:
+    model_id = make_ready_model(client)
+    good = make_ready_dataset(client, {"x": {"shape": [64, 16], "dtype": "float32"}})
+    wrong = make_ready_dataset(client, {"x": {"shape": [64, 3, 4], "dtype": "float32"}})
+    missing = make_ready_dataset(client, {"y": {"shape": [64, 16], "dtype": "float32"}})
+    assert submit(client, model_id=model_id, eval_dataset_id=good).status_code == 202
+    response = submit(client, model_id=model_id, eval_dataset_id=wrong)
+    assert response.status_code == 422
+    assert response.json() == {
+        "error": "dataset_mismatch",
+        "detail": "eval tensor 'x' has shape [64, 3, 4], the model expects [N, 16]",
+    }
+    assert "no array named 'x'" in submit(client, model_id=model_id, eval_dataset_id=missing).json()["detail"]
+    not_ready = upload(client, "/v1/datasets", b"abc").json()["id"]
+    response = submit(client, model_id=model_id, eval_dataset_id=not_ready)
+    assert response.status_code == 409 and response.json()["error"] == "dataset_not_ready"
+
+
+def test_idempotency_key(client: TestClient) -> None:
+    model_id = make_ready_model(client)
+    first = client.post("/v1/jobs", json={"model_id": model_id, "mode": "dynamic"}, headers={"Idempotency-Key": "k1"})
+    again = client.post("/v1/jobs", json={"model_id": model_id, "mode": "dynamic"}, headers={"Idempotency-Key": "k1"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    other = client.post(
+        "/v1/jobs", json={"model_id": model_id, "mode": "dynamic", "backend": "fbgemm"}, headers={"Idempotency-Key": "k1"}
+    )
+    assert other.status_code == 409 and other.json()["error"] == "idempotency_key_reused"
+    assert len(client.get("/v1/jobs").json()["items"]) == 1
+
+
+def test_cancel_queued_job_and_conflicts(client: TestClient) -> None:
+    model_id = make_ready_model(client)
+    job_id = submit(client, model_id=model_id).json()["id"]
+    assert client.delete(f"/v1/models/{model_id}").json()["error"] == "model_in_use"
+    response = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 202
+    assert response.json()["status"] == "cancelled"
+    again = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert again.status_code == 409 and again.json()["error"] == "job_finished"
+    # A cancelled job cannot be claimed by a worker that receives its message late.
+    with session_scope() as session:
+        assert job_service.claim_job(session, job_id, "w1", 30) is None
+    assert client.delete(f"/v1/models/{model_id}").status_code == 204
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 404
+
+
+def test_claim_is_exclusive_and_finish_publishes_artifacts(client: TestClient, service_env: Path) -> None:
+    model_id = make_ready_model(client)
+    job_id = submit(client, model_id=model_id).json()["id"]
+    with session_scope() as session:
+        assert job_service.claim_job(session, job_id, "w1", 30) is not None
+    with session_scope() as session:
+        assert job_service.claim_job(session, job_id, "w2", 30) is None
+    with session_scope() as session:
+        assert job_service.record_progress(session, job_id, "w2", 30, "loading", 5, "x") is True  # not its job
+        assert job_service.record_progress(session, job_id, "w1", 30, "converting", 40, "half") is False
+    running = client.get(f"/v1/jobs/{job_id}").json()
+    assert running["status"] == "running" and running["attempts"] == 1
+    assert running["progress"] == {"stage": "converting", "percent": 40.0, "message": "half"}
+
+    content = b"int8 model" * 100
+    tmp = service_env / "artifact.bin"
+    tmp.write_bytes(content)
+    size, sha = get_storage().store_file(tmp, f"artifacts/{job_id}/attempt-1/model.int8.ts")
+    artifact = job_service.StoredArtifact("model.int8.ts", "torchscript", size, sha, f"artifacts/{job_id}/attempt-1/model.int8.ts")
+    metrics = {"size": {"fp32_bytes": 4000, "int8_bytes": 1000, "ratio": 4.0}, "latency": [{"batch_size": 1, "speedup": 2.0}]}
+    with session_scope() as session:
+        assert not job_service.succeed_job(
+            session, job_id, "w2", backend="fbgemm", metrics=metrics, artifacts=[artifact], load_snippet="", manifest={}, runner={}
+        )
+    with session_scope() as session:
+        assert job_service.succeed_job(
+            session, job_id, "w1", backend="fbgemm", metrics=metrics, artifacts=[artifact], load_snippet="x", manifest={}, runner={}
+        )
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded"
+    assert job["backend"]["chosen"] == "fbgemm"
+    assert job["metrics"]["size"]["ratio"] == 4.0
+    assert job["report_url"] == f"/v1/jobs/{job_id}/report"
+    assert client.get(job["report_url"]).json()["metrics"] == metrics
+    [listed] = job["artifacts"]
+    assert listed["sha256"] == hashlib.sha256(content).hexdigest()
+
+    download = client.get(listed["url"])
+    assert download.status_code == 200 and download.content == content
+    assert download.headers["etag"] == f'"{sha}"'
+    assert download.headers["repr-digest"] == f"sha-256=:{base64.b64encode(bytes.fromhex(sha)).decode()}:"
+    partial = client.get(listed["url"], headers={"Range": "bytes=0-9"})
+    assert partial.status_code == 206 and partial.content == content[:10]
+    assert client.get(listed["url"], headers={"If-None-Match": f'"{sha}"'}).status_code == 304
+    missing = client.get(f"/v1/jobs/{job_id}/artifacts/nope.bin")
+    assert missing.status_code == 404 and "model.int8.ts" in missing.json()["detail"]

@@ -1,0 +1,216 @@
+"""Thin adapters: claim -> runner -> store -> finish. Ids in, state re-read from the database."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+from app.core import queue
+from app.core.config import get_settings
+from app.core.db import session_scope
+from app.core.storage import get_storage
+from app.models import Dataset, Job, Model
+from app.services import datasets as dataset_service
+from app.services import jobs as job_service
+from app.services import models as model_service
+from workers.supervise import RunnerOutcome, run_runner
+
+log = logging.getLogger("qaas.worker")
+celery = queue.get_celery()
+
+ARTIFACT_FORMATS = {".ts": "torchscript", ".pt2": "aoti_package", ".json": "json", ".html": "html"}
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _error_of(outcome: RunnerOutcome) -> tuple[str, str] | None:
+    if outcome.result is not None:
+        return None
+    return outcome.error_code or "internal_error", outcome.error_message or "the runner gave no result"
+
+
+@celery.task(name=queue.INSPECT_MODEL)
+def inspect_model(model_id: str) -> None:
+    """Load the uploaded model in a runner and record its inputs, parameters and layers."""
+    settings = get_settings()
+    with session_scope() as session:
+        model = session.get(Model, model_id)
+        if model is None or model.status != "inspecting":
+            return
+        args = ["inspect-model", "--file", str(get_storage().path(model.storage_key))]
+        if model.input_shapes is not None:
+            args += ["--input-shapes", json.dumps(model.input_shapes)]
+    work = settings.work_dir / f"inspect-{model_id}-{uuid.uuid4().hex[:8]}"
+    try:
+        outcome = run_runner(
+            [*args, "--out", str(work / "out")], work_dir=work, timeout_s=settings.inspect_timeout_s
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    with session_scope() as session:
+        model_service.record_inspection(session, model_id, result=outcome.result, error=_error_of(outcome))
+
+
+@celery.task(name=queue.INSPECT_DATASET)
+def inspect_dataset(dataset_id: str) -> None:
+    """Read the uploaded dataset in a runner and record its tensors and sample count."""
+    settings = get_settings()
+    with session_scope() as session:
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None or dataset.status != "inspecting":
+            return
+        path = str(get_storage().path(dataset.storage_key))
+    work = settings.work_dir / f"inspect-{dataset_id}-{uuid.uuid4().hex[:8]}"
+    try:
+        outcome = run_runner(
+            ["inspect-dataset", "--file", path, "--out", str(work / "out")],
+            work_dir=work,
+            timeout_s=settings.inspect_timeout_s,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    with session_scope() as session:
+        dataset_service.record_inspection(
+            session, dataset_id, result=outcome.result, error=_error_of(outcome)
+        )
+
+
+def _job_spec(job: Job, model: Model, dataset_paths: dict[str, str | None]) -> dict[str, Any]:
+    config = job.config
+    return {
+        "model": str(get_storage().path(model.storage_key)),
+        "input_shapes": model.input_shapes,
+        "mode": job.mode,
+        "backend": job.backend_requested,
+        "options": config.get("options", {}),
+        "benchmark": config.get("benchmark", {}),
+        **dataset_paths,
+    }
+
+
+@celery.task(name=queue.RUN_JOB)
+def run_job(job_id: str) -> None:
+    """Claim the job, run the runner, store the artifacts, then mark it succeeded in one transaction.
+    A second delivery of a claimed or finished job does nothing."""
+    settings = get_settings()
+    storage = get_storage()
+    worker_id = _worker_id()
+    lease_s = max(30.0, 6 * settings.heartbeat_s)
+    with session_scope() as session:
+        job = job_service.claim_job(session, job_id, worker_id, lease_s)
+        if job is None:
+            log.info("job %s is not queued any more: nothing to do", job_id)
+            return
+        model = session.get(Model, job.model_id)
+        assert model is not None
+        dataset_paths: dict[str, str | None] = {}
+        for role, dataset_id in (
+            ("calibration", job.calibration_dataset_id),
+            ("train", job.train_dataset_id),
+            ("eval", job.eval_dataset_id),
+        ):
+            dataset = session.get(Dataset, dataset_id) if dataset_id else None
+            dataset_paths[role] = str(storage.path(dataset.storage_key)) if dataset else None
+        spec = _job_spec(job, model, dataset_paths)
+        attempt = job.attempts
+        timeout_s = float(job.config.get("timeout_s") or settings.job_timeout_s)
+        threads = int(job.config.get("benchmark", {}).get("threads", 1))
+
+    work = settings.work_dir / job_id / f"attempt-{attempt}"
+    stored: list[job_service.StoredArtifact] = []
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "spec.json").write_text(json.dumps(spec))
+
+        def relay(stage: str | None, percent: float | None, message: str | None) -> bool:
+            with session_scope() as session:
+                return job_service.record_progress(
+                    session, job_id, worker_id, lease_s, stage, percent, message
+                )
+
+        outcome = run_runner(
+            ["quantize", "--spec", str(work / "spec.json"), "--out", str(work / "out")],
+            work_dir=work,
+            timeout_s=timeout_s,
+            threads=threads,
+            relay=relay,
+            heartbeat_s=settings.heartbeat_s,
+        )
+        if outcome.stopped:
+            with session_scope() as session:
+                job_service.mark_cancelled(session, job_id, worker_id)
+            return
+        error = _error_of(outcome)
+        if error is not None:
+            with session_scope() as session:
+                job_service.fail_job(session, job_id, worker_id, *error)
+            return
+        assert outcome.result is not None
+        stored = _store_artifacts(job_id, attempt, work / "out", outcome.result)
+        with session_scope() as session:
+            committed = job_service.succeed_job(
+                session,
+                job_id,
+                worker_id,
+                backend=outcome.result["backend"],
+                metrics=outcome.result["metrics"],
+                artifacts=stored,
+                load_snippet=outcome.result["load_snippet"],
+                manifest=outcome.result["manifest"],
+                runner={
+                    "sandbox": [],
+                    "note": "child process per job; sandboxing comes with the runner issue",
+                },
+            )
+        if not committed:
+            log.info("job %s was cancelled or taken over while finishing: dropping its artifacts", job_id)
+            for artifact in stored:
+                storage.delete(artifact.storage_key)
+    except Exception as exc:
+        log.exception("job %s failed in the worker", job_id)
+        for artifact in stored:
+            storage.delete(artifact.storage_key)
+        with session_scope() as session:
+            job_service.fail_job(session, job_id, worker_id, "internal_error", f"{type(exc).__name__}: {exc}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _store_artifacts(
+    job_id: str, attempt: int, out_dir: Path, result: dict[str, Any]
+) -> list[job_service.StoredArtifact]:
+    """Copy the runner's files into storage (temp name, fsync, rename) with their sha256, plus the report and
+    manifest as JSON artifacts. Each attempt writes under its own prefix."""
+    storage = get_storage()
+    (out_dir / "report.json").write_text(json.dumps(result["metrics"], indent=2))
+    (out_dir / "manifest.json").write_text(json.dumps(result["manifest"], indent=2))
+    files = [(a["name"], out_dir / a["file"], a.get("format")) for a in result["artifacts"]]
+    files += [
+        ("report.json", out_dir / "report.json", "json"),
+        ("manifest.json", out_dir / "manifest.json", "json"),
+    ]
+    stored = []
+    for name, path, fmt in files:
+        resolved = path.resolve()
+        if out_dir.resolve() not in resolved.parents:
+            raise ValueError(f"the runner named an artifact outside its output directory: {name}")
+        key = f"artifacts/{job_id}/attempt-{attempt}/{name}"
+        size, sha256 = storage.store_file(resolved, key)
+        stored.append(
+            job_service.StoredArtifact(
+                name=name,
+                format=fmt or ARTIFACT_FORMATS.get(Path(name).suffix, "binary"),
+                size_bytes=size,
+                sha256=sha256,
+                storage_key=key,
+            )
+        )
+    return stored
