@@ -143,14 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="API and one worker on the embedded default (SQLite), one command")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default=os.environ.get("QAAS_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("QAAS_PORT", "8000")))
     serve.add_argument("--data-dir", default=os.environ.get("QAAS_DATA_DIR", "./var"))
     serve.set_defaults(func=cmd_serve)
 
     api = sub.add_parser("api", help="the HTTP API alone (QAAS_DATABASE_URL, QAAS_BROKER_URL)")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--host", default=os.environ.get("QAAS_HOST", "127.0.0.1"))
+    api.add_argument("--port", type=int, default=int(os.environ.get("QAAS_PORT", "8000")))
     api.add_argument("--data-dir", default=None)
     api.set_defaults(func=cmd_api)
 

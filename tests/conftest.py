@@ -45,7 +45,9 @@ def reset_postgres(url: str) -> None:
     engine.dispose()
 
 
-def configure(monkeypatch: pytest.MonkeyPatch, data_dir: Path, database_url: str = "", broker_url: str = "") -> None:
+def configure(
+    monkeypatch: pytest.MonkeyPatch, data_dir: Path, database_url: str = "", broker_url: str = ""
+) -> None:
     monkeypatch.setenv("QAAS_DATA_DIR", str(data_dir))
     monkeypatch.setenv("QAAS_DATABASE_URL", database_url)
     monkeypatch.setenv("QAAS_BROKER_URL", broker_url)

@@ -8,7 +8,6 @@ from alembic import command
 from alembic.config import Config
 
 
-
 def _migrations_dir() -> Path:
     # A source checkout has migrations/ beside app/; an installed image keeps it in the working directory.
     for candidate in (Path(__file__).resolve().parents[2] / "migrations", Path.cwd() / "migrations"):

@@ -93,12 +93,18 @@ def test_dataset_shapes_are_checked_against_the_model(client: TestClient) -> Non
 
 def test_idempotency_key(client: TestClient) -> None:
     model_id = make_ready_model(client)
-    first = client.post("/v1/jobs", json={"model_id": model_id, "mode": "dynamic"}, headers={"Idempotency-Key": "k1"})
-    again = client.post("/v1/jobs", json={"model_id": model_id, "mode": "dynamic"}, headers={"Idempotency-Key": "k1"})
+    first = client.post(
+        "/v1/jobs", json={"model_id": model_id, "mode": "dynamic"}, headers={"Idempotency-Key": "k1"}
+    )
+    again = client.post(
+        "/v1/jobs", json={"model_id": model_id, "mode": "dynamic"}, headers={"Idempotency-Key": "k1"}
+    )
     assert first.status_code == again.status_code == 202
     assert first.json()["id"] == again.json()["id"]
     other = client.post(
-        "/v1/jobs", json={"model_id": model_id, "mode": "dynamic", "backend": "fbgemm"}, headers={"Idempotency-Key": "k1"}
+        "/v1/jobs",
+        json={"model_id": model_id, "mode": "dynamic", "backend": "fbgemm"},
+        headers={"Idempotency-Key": "k1"},
     )
     assert other.status_code == 409 and other.json()["error"] == "idempotency_key_reused"
     assert len(client.get("/v1/jobs").json()["items"]) == 1
@@ -128,7 +134,9 @@ def test_claim_is_exclusive_and_finish_publishes_artifacts(client: TestClient, s
     with session_scope() as session:
         assert job_service.claim_job(session, job_id, "w2", 30) is None
     with session_scope() as session:
-        assert job_service.record_progress(session, job_id, "w2", 30, "loading", 5, "x") is True  # not its job
+        assert (
+            job_service.record_progress(session, job_id, "w2", 30, "loading", 5, "x") is True
+        )  # not its job
         assert job_service.record_progress(session, job_id, "w1", 30, "converting", 40, "half") is False
     running = client.get(f"/v1/jobs/{job_id}").json()
     assert running["status"] == "running" and running["attempts"] == 1
@@ -138,15 +146,36 @@ def test_claim_is_exclusive_and_finish_publishes_artifacts(client: TestClient, s
     tmp = service_env / "artifact.bin"
     tmp.write_bytes(content)
     size, sha = get_storage().store_file(tmp, f"artifacts/{job_id}/attempt-1/model.int8.ts")
-    artifact = job_service.StoredArtifact("model.int8.ts", "torchscript", size, sha, f"artifacts/{job_id}/attempt-1/model.int8.ts")
-    metrics = {"size": {"fp32_bytes": 4000, "int8_bytes": 1000, "ratio": 4.0}, "latency": [{"batch_size": 1, "speedup": 2.0}]}
+    artifact = job_service.StoredArtifact(
+        "model.int8.ts", "torchscript", size, sha, f"artifacts/{job_id}/attempt-1/model.int8.ts"
+    )
+    metrics = {
+        "size": {"fp32_bytes": 4000, "int8_bytes": 1000, "ratio": 4.0},
+        "latency": [{"batch_size": 1, "speedup": 2.0}],
+    }
     with session_scope() as session:
         assert not job_service.succeed_job(
-            session, job_id, "w2", backend="fbgemm", metrics=metrics, artifacts=[artifact], load_snippet="", manifest={}, runner={}
+            session,
+            job_id,
+            "w2",
+            backend="fbgemm",
+            metrics=metrics,
+            artifacts=[artifact],
+            load_snippet="",
+            manifest={},
+            runner={},
         )
     with session_scope() as session:
         assert job_service.succeed_job(
-            session, job_id, "w1", backend="fbgemm", metrics=metrics, artifacts=[artifact], load_snippet="x", manifest={}, runner={}
+            session,
+            job_id,
+            "w1",
+            backend="fbgemm",
+            metrics=metrics,
+            artifacts=[artifact],
+            load_snippet="x",
+            manifest={},
+            runner={},
         )
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded"

@@ -30,7 +30,9 @@ def test_upload_streams_to_disk_with_hash_and_generated_name(client: TestClient,
     assert file_response.content == content
 
 
-def test_upload_over_limit_is_413_and_leaves_nothing(client: TestClient, service_env: Path, monkeypatch) -> None:
+def test_upload_over_limit_is_413_and_leaves_nothing(
+    client: TestClient, service_env: Path, monkeypatch
+) -> None:
     from app.core.config import get_settings
 
     monkeypatch.setattr(get_settings(), "max_upload_bytes", 4096)
@@ -43,7 +45,9 @@ def test_upload_over_limit_is_413_and_leaves_nothing(client: TestClient, service
     assert list((service_env / "tmp").iterdir()) == []
 
 
-def test_declared_content_length_over_limit_is_refused_before_reading(client: TestClient, monkeypatch) -> None:
+def test_declared_content_length_over_limit_is_refused_before_reading(
+    client: TestClient, monkeypatch
+) -> None:
     from app.core.config import get_settings
 
     monkeypatch.setattr(get_settings(), "max_upload_bytes", 4096)
@@ -59,7 +63,9 @@ def test_upload_errors_have_codes(client: TestClient) -> None:
     no_file = client.post("/v1/models", data={"name": "x"}, files={"other": ("a", b"1")})
     assert no_file.status_code == 422
     assert no_file.json()["error"] == "unknown_field"
-    not_multipart = client.post("/v1/models", content=b"raw", headers={"content-type": "application/octet-stream"})
+    not_multipart = client.post(
+        "/v1/models", content=b"raw", headers={"content-type": "application/octet-stream"}
+    )
     assert not_multipart.status_code == 415
     assert not_multipart.json()["error"] == "unsupported_media_type"
     empty = upload(client, "/v1/models", b"")
@@ -77,11 +83,18 @@ def test_input_shapes_are_stored(client: TestClient) -> None:
 
 
 def test_unknown_ids_are_404(client: TestClient) -> None:
-    for path in ("/v1/models/mdl_nope", "/v1/models/mdl_nope/file", "/v1/datasets/ds_nope", "/v1/jobs/job_nope"):
+    for path in (
+        "/v1/models/mdl_nope",
+        "/v1/models/mdl_nope/file",
+        "/v1/datasets/ds_nope",
+        "/v1/jobs/job_nope",
+    ):
         response = client.get(path)
         assert response.status_code == 404, path
         body = response.json()
-        assert body["error"].endswith("_not_found") and "mdl_nope" in body["detail"] or "nope" in body["detail"]
+        assert (
+            body["error"].endswith("_not_found") and "mdl_nope" in body["detail"] or "nope" in body["detail"]
+        )
     assert client.delete("/v1/models/mdl_nope").status_code == 404
     assert client.get("/v1/nothing-here").json()["error"] == "not_found"
 

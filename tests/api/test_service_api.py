@@ -32,7 +32,9 @@ def test_openapi_declares_one_error_schema_everywhere(client: TestClient) -> Non
             for status in ("422", "503"):
                 schema = operation["responses"][status]["content"]["application/json"]["schema"]
                 assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, status)
-    upload_body = spec["paths"]["/v1/models"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    upload_body = spec["paths"]["/v1/models"]["post"]["requestBody"]["content"]["multipart/form-data"][
+        "schema"
+    ]
     assert upload_body["properties"]["file"]["format"] == "binary"
     assert "examples" in spec["components"]["schemas"]["JobCreate"]
 

@@ -1,0 +1,32 @@
+# The commands people type. `make run` and `make test` install into .venv first.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned to the release the suite was tested with: pip takes the CPU build from this machine's disk,
+# where a looser pin could pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: install run test lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]" "$(TORCH)"
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	$(BIN)/qaas serve
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+test: install lint
+	$(BIN)/pytest
+
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache *.egg-info

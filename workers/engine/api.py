@@ -1,0 +1,70 @@
+"""The engine's one verb: `quantize(model, config, …) -> QuantResult`, dispatching on the config's type."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from workers.engine.config import DynamicConfig
+from workers.engine.dynamic import quantize_dynamic_model
+from workers.engine.result import ArtifactFile, ProgressFn, QuantResult
+
+__all__ = ["ArtifactFile", "ProgressFn", "QuantResult", "quantize", "register_handler"]
+
+Handler = Callable[..., QuantResult]
+# One handler per config type: StaticConfig and QATConfig register theirs the same way.
+_HANDLERS: dict[type, Handler] = {DynamicConfig: quantize_dynamic_model}
+
+
+def register_handler(config_type: type, handler: Handler) -> None:
+    """Make `quantize` send configs of `config_type` to `handler` (same keyword arguments as quantize)."""
+    _HANDLERS[config_type] = handler
+
+
+def quantize(
+    model_path: str | Path,
+    config: Any,
+    *,
+    out_dir: str | Path,
+    input_shapes: dict[str, list[int | None]] | None = None,
+    calibration: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    progress: ProgressFn | None = None,
+) -> QuantResult:
+    """Quantize a model to int8, verify the artifact reloaded from disk, and measure it.
+
+    Args:
+        model_path: a torch.export program (`.pt2`) or TorchScript archive; the format is read from content.
+        config: what to do, e.g. DynamicConfig(); its type picks the handler.
+        out_dir: where the artifacts go (model.int8.ts, report.json, manifest.json).
+        input_shapes: TorchScript only: {name: [dims]} with None for dynamic dims, e.g. {"x": [None, 16]}.
+        calibration: a dataset file (.npz or .safetensors); dynamic mode verifies on it when eval_data is None.
+        eval_data: a dataset file to verify on.
+        progress: called with (stage, percent, message).
+
+    Returns:
+        QuantResult: the chosen backend, the artifacts, metrics (DESIGN.md section 6), a load snippet, a manifest.
+
+    Raises:
+        EngineError: for inputs or requests the user can fix (see errors.EngineError for the codes).
+        ValueError: for a config type no handler serves.
+
+    Example:
+        >>> result = quantize("model.pt2", DynamicConfig(), out_dir="out")
+        >>> result.metrics["size"]["ratio"], result.metrics["fidelity"]["cosine"]
+        (3.8, 0.9998)
+    """
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        known = ", ".join(t.__name__ for t in _HANDLERS)
+        raise ValueError(f"no quantization handler for {type(config).__name__}: use one of {known}")
+    return handler(
+        model_path,
+        config,
+        out_dir=out_dir,
+        input_shapes=input_shapes,
+        calibration=calibration,
+        eval_data=eval_data,
+        progress=progress,
+    )

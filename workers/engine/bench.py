@@ -1,0 +1,122 @@
+"""Latency of fp32 against int8 on this host, and the host facts that explain the numbers."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from workers.engine.config import BenchmarkConfig
+
+__all__ = ["benchmark", "environment"]
+
+WARMUP_RUNS = 3
+ISA_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def _cpuinfo() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags.update(value.split())
+    except OSError:
+        pass
+    return model, [flag for flag in ISA_FLAGS if flag in flags]
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """{cpu, isa, torch, engine, threads, load_average}: the facts that explain a benchmark."""
+    cpu, isa = _cpuinfo()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return {
+        "cpu": cpu,
+        "isa": isa,
+        "torch": torch.__version__,
+        "engine": torch.backends.quantized.engine,
+        "threads": threads,
+        "load_average": round(load, 2),
+    }
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    p95 = ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
+    mid = len(ordered) // 2
+    p50 = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return {"p50": round(p50 * 1000, 4), "p95": round(p95 * 1000, 4)}
+
+
+def _timed(fn: Callable[[Any], Any], inputs: Any) -> float:
+    start = time.perf_counter()
+    fn(inputs)
+    return time.perf_counter() - start
+
+
+def _speedup(baseline: dict[str, float], int8: dict[str, float]) -> float:
+    return round(baseline["p50"] / int8["p50"], 3) if int8["p50"] > 0 else 0.0
+
+
+def benchmark(
+    fp32: Callable[[Any], Any],
+    int8: Callable[[Any], Any],
+    make_inputs: Callable[[int], Any],
+    config: BenchmarkConfig,
+    batch_sizes: list[int],
+    fp32_same_build: Callable[[Any], Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Time the models at each batch size, interleaved run by run so that host noise hits them alike.
+
+    Args:
+        fp32: runs the float model as uploaded on an input batch.
+        int8: runs the int8 model (as reloaded from disk) on an input batch.
+        make_inputs: builds an input batch of a given size.
+        config: threads and iterations.
+        batch_sizes: the batch sizes to time (the model's fixed batch replaces the asked ones upstream).
+        fp32_same_build: runs the float model compiled the way the int8 one is (TorchScript), so that the
+            speedup from int8 alone can be told from the speedup of the build.
+
+    Returns:
+        [{batch_size, threads, fp32_ms {p50, p95}, int8_ms {p50, p95}, speedup}], speedup = fp32 p50 / int8 p50;
+        with fp32_same_build, also fp32_same_build_ms and speedup_same_build.
+    """
+    runners = {"fp32": fp32, "int8": int8} | ({"same": fp32_same_build} if fp32_same_build else {})
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    rows = []
+    try:
+        with torch.no_grad():
+            for batch_size in batch_sizes:
+                inputs = make_inputs(batch_size)
+                for _ in range(WARMUP_RUNS):
+                    for run in runners.values():
+                        run(inputs)
+                samples: dict[str, list[float]] = {key: [] for key in runners}
+                for _ in range(config.iterations):
+                    for key, run in runners.items():
+                        samples[key].append(_timed(run, inputs))
+                ms = {key: _percentiles(values) for key, values in samples.items()}
+                row = {
+                    "batch_size": batch_size,
+                    "threads": config.threads,
+                    "fp32_ms": ms["fp32"],
+                    "int8_ms": ms["int8"],
+                    "speedup": _speedup(ms["fp32"], ms["int8"]),
+                }
+                if "same" in ms:
+                    row |= {
+                        "fp32_same_build_ms": ms["same"],
+                        "speedup_same_build": _speedup(ms["same"], ms["int8"]),
+                    }
+                rows.append(row)
+    finally:
+        torch.set_num_threads(previous)
+    return rows

@@ -1,0 +1,295 @@
+"""Turn the aten calls of a torch.export program back into nn modules that torch.ao can quantize.
+
+`ep.module()` holds `aten.linear` calls on parameters, not `nn.Linear` modules, so `quantize_dynamic` finds
+nothing in it. This pass replaces each `aten.linear` (and its decomposed `addmm`/`mm` form), `aten.lstm`,
+`aten.gru` and, on request, `aten.embedding` whose weights are parameters by a call to a fresh module holding
+those same tensors, and switches the graph to plain positional code so that TorchScript can compile it.
+"""
+
+from __future__ import annotations
+
+import keyword
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx.graph import CodeGen
+
+__all__ = ["RebuiltModel", "rebuild_modules"]
+
+aten = torch.ops.aten
+TRANSPOSES = (aten.permute.default, aten.t.default)
+
+
+@dataclass
+class RebuiltModel:
+    """The float model with modules put back: `layers` maps module name to (original path, type name)."""
+
+    module: torch.fx.GraphModule
+    layers: dict[str, tuple[str, str]] = field(default_factory=dict)
+    float_weights: set[str] = field(default_factory=set)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _attr(gm: torch.fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _param(tensor: torch.Tensor) -> nn.Parameter:
+    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor.detach(), requires_grad=False)
+
+
+def _innermost_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [str(p) for p, _ in stack.values() if p and not str(p).startswith("_empty")]
+    return paths[-1] if paths else ""
+
+
+class _Rebuilder:
+    def __init__(self, gm: torch.fx.GraphModule, embeddings: bool) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.embeddings = embeddings
+        self.modules: dict[str, nn.Module] = {}  # temporary name -> module
+        self.origin: dict[str, tuple[str, str]] = {}  # temporary name -> (path, type)
+        self.by_weight: dict[tuple[str, ...], str] = {}  # weight targets -> temporary name (shared layers)
+
+    def _is_attr(self, node: Any) -> bool:
+        return isinstance(node, torch.fx.Node) and node.op == "get_attr"
+
+    def _add(self, node: torch.fx.Node, key: tuple[str, ...], make: Any, type_name: str) -> str:
+        if key not in self.by_weight:
+            temp = f"__qaas_layer_{len(self.modules)}"
+            self.modules[temp] = make()
+            self.gm.add_submodule(temp, self.modules[temp])  # call_module checks that the target exists
+            self.origin[temp] = (_innermost_path(node), type_name)
+            self.by_weight[key] = temp
+        return self.by_weight[key]
+
+    def _linear(self, node: torch.fx.Node, x: Any, w: torch.fx.Node, b: torch.fx.Node | None) -> None:
+        weight = _attr(self.gm, str(w.target))
+        bias = _attr(self.gm, str(b.target)) if b is not None else None
+        if weight.dim() != 2 or (bias is not None and bias.shape != weight.shape[:1]):
+            return
+
+        def make() -> nn.Module:
+            lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+            lin.weight = _param(weight)
+            if bias is not None:
+                lin.bias = _param(bias)
+            return lin
+
+        key = ("linear", str(w.target), str(b.target) if b is not None else "")
+        name = self._add(node, key, make, "Linear")
+        with self.graph.inserting_before(node):
+            call = self.graph.call_module(name, (x,))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        self.graph.erase_node(node)
+
+    def _transposed_weight(self, node: Any) -> torch.fx.Node | None:
+        if (
+            not isinstance(node, torch.fx.Node)
+            or node.target not in TRANSPOSES
+            or not self._is_attr(node.args[0])
+        ):
+            return None
+        if node.target == aten.permute.default and list(node.args[1]) != [1, 0]:
+            return None
+        return node.args[0]
+
+    def _rnn(self, node: torch.fx.Node, kind: str) -> None:
+        x, hx, params, has_biases, num_layers, _dropout, _train, bidirectional, batch_first = node.args
+        if not all(self._is_attr(p) for p in params):
+            return
+        tensors = [_attr(self.gm, str(p.target)) for p in params]
+        gates = 4 if kind == "LSTM" else 3
+        per_direction = 4 if has_biases else 2
+        directions = 2 if bidirectional else 1
+        hidden = tensors[1].shape[1]
+        # Projections (proj_size) add a fifth weight per direction: leave such layers as they are.
+        if len(tensors) != num_layers * directions * per_direction or tensors[1].shape[0] != gates * hidden:
+            return
+        cls = nn.LSTM if kind == "LSTM" else nn.GRU
+
+        def make() -> nn.Module:
+            rnn = cls(
+                tensors[0].shape[1], hidden, num_layers=num_layers, bias=has_biases,
+                batch_first=batch_first, bidirectional=bidirectional,
+            )  # fmt: skip
+            for name, tensor in zip(rnn._flat_weights_names, tensors, strict=True):
+                setattr(rnn, name, _param(tensor))
+            rnn.flatten_parameters()
+            return rnn.eval()
+
+        if kind == "LSTM":
+            # aten.lstm returns (output, h, c) and nn.LSTM (output, (h, c)): only plain indexing is rewired.
+            indices = [u.args[1] if u.target is operator.getitem else None for u in node.users]
+            if any(i not in (0, 1, 2) for i in indices):
+                return
+        name = self._add(node, (kind.lower(), *(str(p.target) for p in params)), make, kind)
+        with self.graph.inserting_before(node):
+            call = self.graph.call_module(name, (x, tuple(hx) if kind == "LSTM" else hx))
+        call.meta = dict(node.meta)
+        if kind == "GRU":  # nn.GRU returns (output, h) like aten.gru
+            node.replace_all_uses_with(call)
+        else:
+            for user in list(node.users):
+                with self.graph.inserting_before(user):
+                    if user.args[1] == 0:
+                        new = self.graph.call_function(operator.getitem, (call, 0))
+                    else:
+                        state = self.graph.call_function(operator.getitem, (call, 1))
+                        new = self.graph.call_function(operator.getitem, (state, user.args[1] - 1))
+                user.replace_all_uses_with(new)
+                self.graph.erase_node(user)
+        self.graph.erase_node(node)
+
+    def _embedding(self, node: torch.fx.Node) -> None:
+        w, indices, *rest = node.args
+        padding_idx = rest[0] if rest else -1
+        if not self._is_attr(w) or any(rest[1:]) or node.kwargs:
+            return  # scale_grad_by_freq / sparse only matter in training, but keep such calls untouched
+        weight = _attr(self.gm, str(w.target))
+
+        def make() -> nn.Module:
+            emb = nn.Embedding(
+                weight.shape[0], weight.shape[1], padding_idx=None if padding_idx < 0 else padding_idx
+            )
+            emb.weight = _param(weight)
+            return emb
+
+        name = self._add(node, ("embedding", str(w.target)), make, "Embedding")
+        with self.graph.inserting_before(node):
+            call = self.graph.call_module(name, (indices,))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        self.graph.erase_node(node)
+
+    def run(self) -> None:
+        for node in list(self.graph.nodes):
+            if node.op != "call_function":
+                continue
+            args = node.args
+            if node.target == aten.linear.default and self._is_attr(args[1]) and not node.kwargs:
+                bias = args[2] if len(args) > 2 else None
+                if bias is None or self._is_attr(bias):
+                    self._linear(node, args[0], args[1], bias)
+            elif node.target == aten.addmm.default and not node.kwargs and self._is_attr(args[0]):
+                weight = self._transposed_weight(args[2])
+                if weight is not None:
+                    self._linear(node, args[1], weight, args[0])
+            elif node.target == aten.mm.default:
+                weight = self._transposed_weight(args[1])
+                if weight is not None:
+                    self._linear(node, args[0], weight, None)
+            elif node.target in (aten.lstm.input, aten.gru.input):
+                self._rnn(node, "LSTM" if node.target == aten.lstm.input else "GRU")
+            elif node.target == aten.embedding.default and self.embeddings:
+                self._embedding(node)
+
+
+def _strip_checks(graph: torch.fx.Graph) -> None:
+    """Drop export's input guards and shape assertions: they are Python-only and block TorchScript."""
+    for node in list(graph.nodes):
+        name = getattr(node.target, "__name__", str(node.target))
+        is_guard = node.op == "call_module" and str(node.target).startswith("_guards_fn")
+        is_assert = node.op == "call_function" and name.split(".")[0] in (
+            "_assert_scalar", "_assert_tensor_metadata", "_assert_async", "sym_constrain_range",
+            "sym_constrain_range_for_size",
+        )  # fmt: skip
+        if (is_guard or is_assert) and not node.users:
+            graph.erase_node(node)
+
+
+def _final_name(path: str, taken: set[str]) -> str:
+    base = path.replace(".", "_") or "layer"
+    if not base.isidentifier() or keyword.iskeyword(base) or hasattr(nn.Module, base):
+        base = f"layer_{base}"
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    taken.add(name)
+    return name
+
+
+def _plain_outputs(graph: torch.fx.Graph, out_spec: Any, warnings: list[str]) -> None:
+    output = next(n for n in graph.nodes if n.op == "output")
+    flat = output.args[0]
+    if out_spec is None or not isinstance(flat, (tuple, list)):
+        return
+    if out_spec.is_leaf() and len(flat) == 1:
+        output.args = (flat[0],)
+    elif out_spec.type not in (tuple, list) or not all(c.is_leaf() for c in out_spec.children_specs):
+        warnings.append(
+            "the int8 model returns its outputs as a flat tuple: the original output nesting is lost"
+        )
+
+
+def rebuild_modules(program: Any, *, embeddings: bool = False) -> RebuiltModel:
+    """Rebuild nn.Linear / nn.LSTM / nn.GRU (and nn.Embedding) modules from an ExportedProgram's aten calls.
+
+    Args:
+        program: a torch.export.ExportedProgram.
+        embeddings: also rebuild `aten.embedding` calls as nn.Embedding.
+
+    Returns:
+        A RebuiltModel whose module takes the program's user inputs positionally and computes the same
+        function; op targets are overload packets (torch.ops.aten.add) so that torch.jit.script resolves them.
+
+    Example:
+        >>> rebuilt = rebuild_modules(torch.export.load("model.pt2"))
+        >>> torch.ao.quantization.quantize_dynamic(rebuilt.module, {torch.nn.Linear})
+    """
+    gm = program.module()
+    graph = gm.graph
+    warnings: list[str] = []
+    codegen = graph._codegen
+    pytree_info = getattr(codegen, "pytree_info", None)
+    _strip_checks(graph)
+    builder = _Rebuilder(gm, embeddings)
+    builder.run()
+    graph.eliminate_dead_code()
+    if pytree_info is not None:
+        in_spec = pytree_info.in_spec
+        if in_spec is not None and in_spec.num_leaves != len(
+            [n for n in graph.nodes if n.op == "placeholder"]
+        ):
+            warnings.append("the int8 model takes the program's inputs as flat positional tensors")
+        _plain_outputs(graph, pytree_info.out_spec, warnings)
+    graph.set_codegen(CodeGen())
+    for node in graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            node.target = node.target.overloadpacket
+    kept = {
+        str(n.target)
+        for n in graph.nodes
+        if n.op in ("get_attr", "call_module") and n.target in builder.modules
+    }
+    root: dict[str, Any] = {}
+    taken = {str(n.target).split(".")[0] for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    taken -= set(builder.modules)
+    float_weights = set()
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module") and node.target not in builder.modules:
+            root[str(node.target)] = _attr(gm, str(node.target))
+            if node.op == "get_attr" and isinstance(root[str(node.target)], nn.Parameter):
+                float_weights.add(str(node.target).rsplit(".", 1)[0])
+    layers: dict[str, tuple[str, str]] = {}
+    ordered = sorted(kept, key=lambda temp: int(temp.rsplit("_", 1)[1]))  # graph order, for stable names
+    renames = {temp: _final_name(builder.origin[temp][0], taken) for temp in ordered}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in renames:
+            node.target = renames[str(node.target)]
+            node._rename(f"{node.target}_out")  # readable artifact code: `stem_out = self.stem(x)`
+    for temp, name in renames.items():
+        root[name] = builder.modules[temp]
+        layers[name] = builder.origin[temp]
+    module = torch.fx.GraphModule(root, graph, class_name="QaasRebuilt")
+    return RebuiltModel(module.eval(), layers, float_weights, warnings)

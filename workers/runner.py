@@ -1,0 +1,194 @@
+"""The runner: the child process that loads one untrusted model or dataset and does one job.
+
+    python -m workers.runner inspect-model --file PATH [--input-shapes JSON] --out DIR
+    python -m workers.runner inspect-dataset --file PATH --out DIR
+    python -m workers.runner quantize --spec SPEC.json --out DIR
+
+stdout carries JSON lines only, one event each: {"event": "progress", "stage", "percent", "message"}, then
+{"event": "result", "result": {...}} (also written to DIR/result.json) or {"event": "error", "code",
+"message"}. Anything else that writes to stdout (torch, native libraries) is sent to stderr. Exit status: 0 on
+success, 2 on an EngineError (the user's problem), 1 on anything else (code internal_error).
+
+torch is imported lazily, so that --help answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from workers.engine.errors import EngineError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
+MODES = ("dynamic", "static", "qat")
+
+
+class Events:
+    """Writes protocol events to the real stdout, flushed line by line."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(event, allow_nan=False) + "\n")
+        self.stream.flush()
+
+    def progress(self, stage: str, percent: float, message: str) -> None:
+        self.emit(
+            {"event": "progress", "stage": stage, "percent": round(float(percent), 1), "message": message}
+        )
+
+
+def _claim_stdout() -> tuple[IO[str], int]:
+    """Keep fd 1 for events and point fd 1 (and sys.stdout) at stderr for everything else."""
+    saved = os.dup(1)
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(saved, "w", encoding="utf-8", buffering=1), saved
+
+
+def _parse_json(text: str | None, code: str, what: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise EngineError(code, f"{what} is not valid JSON ({exc})") from exc
+
+
+def _inspect_model(args: argparse.Namespace, events: Events) -> dict[str, Any]:
+    from workers.engine.io import inspect_model
+
+    shapes = _parse_json(args.input_shapes, "invalid_input_shapes", "--input-shapes")
+    events.progress("loading", 0.0, "inspecting the model")
+    return inspect_model(args.file, shapes).to_dict()
+
+
+def _inspect_dataset(args: argparse.Namespace, events: Events) -> dict[str, Any]:
+    from workers.engine.data import inspect_dataset
+
+    events.progress("loading", 0.0, "inspecting the dataset")
+    return inspect_dataset(args.file).to_dict()
+
+
+def _given(section: dict[str, Any], key: str, default: Any) -> Any:
+    """The service sends every documented field, null where the user gave none: null means the default."""
+    value = section.get(key)
+    return default if value is None else value
+
+
+def _config_from_spec(spec: dict[str, Any]) -> Any:
+    from workers.engine.config import BenchmarkConfig, DynamicConfig
+
+    mode = spec.get("mode", "dynamic")
+    if mode not in MODES:
+        raise EngineError("unsupported_combination", f"mode {mode!r} is unknown: use dynamic, static or qat")
+    if mode != "dynamic":
+        raise EngineError("unsupported_combination", f"mode {mode} comes with the full engine; use dynamic")
+    options = spec.get("options") or {}
+    bench = spec.get("benchmark") or {}
+
+    try:
+        benchmark = BenchmarkConfig(
+            batch_sizes=tuple(_given(bench, "batch_sizes", (1,))),
+            threads=_given(bench, "threads", 1),
+            iterations=_given(bench, "iterations", 50),
+        )
+        return DynamicConfig(
+            backend=_given(spec, "backend", "auto"),
+            quantize_embeddings=_given(options, "quantize_embeddings", False),
+            exclude=tuple(_given(options, "exclude", ())),
+            seed=_given(options, "seed", 0),
+            benchmark=benchmark,
+        )
+    except (ValueError, TypeError) as exc:
+        raise EngineError("invalid_config", str(exc)) from exc
+
+
+def _quantize(args: argparse.Namespace, events: Events) -> dict[str, Any]:
+    try:
+        spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EngineError(
+            "invalid_config", f"the job spec {args.spec} cannot be read as JSON ({exc})"
+        ) from exc
+    if not isinstance(spec, dict) or not spec.get("model"):
+        raise EngineError("invalid_config", 'the job spec must be a JSON object with "model": "<path>"')
+    config = _config_from_spec(spec)
+    from workers.engine.api import quantize
+
+    result = quantize(
+        spec["model"],
+        config,
+        out_dir=args.out,
+        input_shapes=spec.get("input_shapes"),
+        calibration=spec.get("calibration"),
+        eval_data=spec.get("eval"),
+        progress=events.progress,
+    )
+    return result.to_dict(relative_to=args.out)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Events], dict[str, Any]]] = {
+    "inspect-model": _inspect_model,
+    "inspect-dataset": _inspect_dataset,
+    "quantize": _quantize,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m workers.runner", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    model = commands.add_parser(
+        "inspect-model", help="record a model's format, inputs, parameters and layers"
+    )
+    model.add_argument("--file", required=True, help="the uploaded model (.pt2 or TorchScript)")
+    model.add_argument("--input-shapes", help='TorchScript only: JSON such as {"x": [null, 16]}')
+    model.add_argument("--out", required=True, help="the folder for result.json")
+    dataset = commands.add_parser("inspect-dataset", help="record a dataset's tensors, samples and labels")
+    dataset.add_argument("--file", required=True, help="the uploaded dataset (.npz or .safetensors)")
+    dataset.add_argument("--out", required=True, help="the folder for result.json")
+    job = commands.add_parser("quantize", help="quantize, verify and benchmark one model")
+    job.add_argument(
+        "--spec", required=True, help="the job spec (JSON); paths in it are absolute or cwd-relative"
+    )
+    job.add_argument("--out", required=True, help="the folder for the artifacts and result.json")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one runner command; returns the process exit status."""
+    args = _parser().parse_args(argv)
+    stream, saved = _claim_stdout()
+    events = Events(stream)
+    try:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result = COMMANDS[args.command](args, events)
+        from workers.engine.result import write_json
+
+        write_json(out / "result.json", result)
+        events.emit({"event": "result", "result": result})
+        return EXIT_OK
+    except EngineError as exc:
+        events.emit({"event": "error", "code": exc.code, "message": exc.message})
+        return EXIT_USER
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        events.emit({"event": "error", "code": "internal_error", "message": f"{type(exc).__name__}: {exc}"})
+        return EXIT_INTERNAL
+    finally:
+        stream.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
