@@ -52,3 +52,21 @@ def test_docs_are_served_without_a_cdn(client: TestClient) -> None:
 def test_capabilities(client: TestClient) -> None:
     body = client.get("/v1/capabilities").json()
     assert body["support"]["pt2"]["dynamic"] == ["auto", "fbgemm"]
+
+
+def test_database_down_is_503_not_500(tmp_path, monkeypatch) -> None:
+    from app.main import create_app
+    from tests.conftest import configure, reset_caches
+
+    # Nothing listens on port 1: every connection is refused.
+    configure(monkeypatch, tmp_path / "var", "postgresql+psycopg://postgres@127.0.0.1:1/none")
+    try:
+        with TestClient(create_app()) as client:
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and "database unreachable" in ready.json()["detail"]
+            listed = client.get("/v1/models")
+            assert listed.status_code == 503
+            assert listed.json()["error"] == "database_unavailable"
+            assert listed.headers["retry-after"] == "5"
+    finally:
+        reset_caches()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +141,51 @@ def test_bad_models_become_invalid_with_a_reason(
 
     response = stack.client.post("/v1/jobs", json={"model_id": model["id"], "mode": "dynamic"})
     assert response.status_code == 409 and response.json()["error"] == "model_not_ready"
+
+
+SLOW_BENCHMARK = {"batch_sizes": [256], "iterations": 10_000}
+
+
+def _runner_processes(job_id: str) -> list[str]:
+    """The job's runner, found by its spec path (work/<job id>/attempt-N/spec.json)."""
+    found = subprocess.run(
+        ["pgrep", "-f", f"workers.runner quantize .*{job_id}"], capture_output=True, text=True
+    )
+    return found.stdout.split()
+
+
+def test_cancel_stops_a_running_job(stack: Stack, pt2_file: Path) -> None:
+    model_id = _upload(stack, pt2_file)["id"]
+    stack.wait(f"/v1/models/{model_id}", {"ready"})
+    job_id = stack.client.post(
+        "/v1/jobs", json={"model_id": model_id, "mode": "dynamic", "benchmark": SLOW_BENCHMARK}
+    ).json()["id"]
+    running = stack.wait(f"/v1/jobs/{job_id}", {"running"}, timeout_s=60)
+    assert running["attempts"] == 1
+    assert stack.client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    started = time.monotonic()
+    job = stack.wait(f"/v1/jobs/{job_id}", {"cancelled", "succeeded", "failed"}, timeout_s=30)
+    assert job["status"] == "cancelled", job
+    assert time.monotonic() - started < 15
+    assert job["artifacts"] == []
+    assert _runner_processes(job_id) == []
+
+
+def test_time_limit_fails_the_job_with_its_code(stack: Stack, pt2_file: Path) -> None:
+    model_id = _upload(stack, pt2_file)["id"]
+    stack.wait(f"/v1/models/{model_id}", {"ready"})
+    job_id = stack.client.post(
+        "/v1/jobs",
+        json={"model_id": model_id, "mode": "dynamic", "benchmark": SLOW_BENCHMARK, "timeout_s": 10},
+    ).json()["id"]
+    job = stack.wait(f"/v1/jobs/{job_id}", {"cancelled", "succeeded", "failed"}, timeout_s=60)
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "time_limit"
+    assert "10 s" in job["error"]["message"]
+    assert _runner_processes(job_id) == []
+    # The worker survived: the next job still runs.
+    again = stack.client.post(
+        "/v1/jobs",
+        json={"model_id": model_id, "mode": "dynamic", "benchmark": {"batch_sizes": [1], "iterations": 3}},
+    )
+    assert stack.wait(f"/v1/jobs/{again.json()['id']}", {"succeeded", "failed"})["status"] == "succeeded"

@@ -20,7 +20,8 @@ def multipart_body(fields: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "description": "The file to upload.",
         }
     }
-    properties.update(fields)
+    # An empty example keeps Swagger UI from pre-filling optional fields with the word "string".
+    properties.update({name: {"example": ""} | spec for name, spec in fields.items()})
     return {
         "requestBody": {
             "required": True,

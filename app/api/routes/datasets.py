@@ -52,12 +52,11 @@ def _store(storage: LocalStorage, upload: ReceivedUpload) -> DatasetOut:
             "name": {
                 "type": "string",
                 "description": "A label; defaults to the file name.",
-                "example": "calib",
             },
             "preprocess": {
                 "type": "string",
-                "description": "Image-folder zips only: JSON with resize, crop, mean, std.",
-                "example": '{"resize": 256, "crop": 224}',
+                "description": "Image-folder zips only: JSON with resize, crop, mean, std, e.g. "
+                '{"resize": 256, "crop": 224}.',
             },
         }
     ),

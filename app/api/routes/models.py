@@ -51,12 +51,11 @@ def _store(storage: LocalStorage, upload: ReceivedUpload) -> ModelOut:
             "name": {
                 "type": "string",
                 "description": "A label; defaults to the file name.",
-                "example": "mlp",
             },
             "input_shapes": {
                 "type": "string",
-                "description": "TorchScript only: JSON object of input name to shape, null for dynamic dims.",
-                "example": '{"x": [null, 256]}',
+                "description": "TorchScript only: JSON object of input name to shape, null for dynamic "
+                'dimensions, e.g. {"x": [null, 3, 224, 224]}.',
             },
         }
     ),
