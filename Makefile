@@ -23,9 +23,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
+# .venv/bin first on PATH: the tests call its tools (hadolint, qaas) as a person would.
 test: install lint
-	$(BIN)/pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
 
 clean:

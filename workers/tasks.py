@@ -9,7 +9,7 @@ import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.core import queue
 from app.core.config import get_settings
@@ -24,6 +24,7 @@ from workers.supervise import RunnerOutcome, run_runner
 log = logging.getLogger("qaas.worker")
 celery = queue.get_celery()
 
+Stored = TypeVar("Stored", Model, Dataset)
 ARTIFACT_FORMATS = {".ts": "torchscript", ".pt2": "aoti_package", ".json": "json", ".html": "html"}
 
 
@@ -37,50 +38,38 @@ def _error_of(outcome: RunnerOutcome) -> tuple[str, str] | None:
     return outcome.error_code or "internal_error", outcome.error_message or "the runner gave no result"
 
 
-@celery.task(name=queue.INSPECT_MODEL)
-def inspect_model(model_id: str) -> None:
-    """Load the uploaded model in a runner and record its inputs, parameters and layers."""
+def _inspect(cls: type[Stored], object_id: str, command: str) -> None:
+    """Run `command` of the runner on the stored upload and record what it found (or why it is invalid)."""
     settings = get_settings()
     with session_scope() as session:
-        model = session.get(Model, model_id)
-        if model is None or model.status != "inspecting":
+        row = session.get(cls, object_id)
+        if row is None or row.status != "inspecting":
             return
-        args = ["inspect-model", "--file", str(get_storage().path(model.storage_key))]
-        if model.input_shapes is not None:
-            args += ["--input-shapes", json.dumps(model.input_shapes)]
-    work = settings.work_dir / f"inspect-{model_id}-{uuid.uuid4().hex[:8]}"
+        args: list[str] = [command, "--file", str(get_storage().path(row.storage_key))]
+        if isinstance(row, Model) and row.input_shapes is not None:
+            args += ["--input-shapes", json.dumps(row.input_shapes)]
+    work = settings.work_dir / f"inspect-{object_id}-{uuid.uuid4().hex[:8]}"
     try:
         outcome = run_runner(
             [*args, "--out", str(work / "out")], work_dir=work, timeout_s=settings.inspect_timeout_s
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    service = model_service if cls is Model else dataset_service
     with session_scope() as session:
-        model_service.record_inspection(session, model_id, result=outcome.result, error=_error_of(outcome))
+        service.record_inspection(session, object_id, result=outcome.result, error=_error_of(outcome))
+
+
+@celery.task(name=queue.INSPECT_MODEL)
+def inspect_model(model_id: str) -> None:
+    """Load the uploaded model in a runner and record its inputs, parameters and layers."""
+    _inspect(Model, model_id, "inspect-model")
 
 
 @celery.task(name=queue.INSPECT_DATASET)
 def inspect_dataset(dataset_id: str) -> None:
     """Read the uploaded dataset in a runner and record its tensors and sample count."""
-    settings = get_settings()
-    with session_scope() as session:
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None or dataset.status != "inspecting":
-            return
-        path = str(get_storage().path(dataset.storage_key))
-    work = settings.work_dir / f"inspect-{dataset_id}-{uuid.uuid4().hex[:8]}"
-    try:
-        outcome = run_runner(
-            ["inspect-dataset", "--file", path, "--out", str(work / "out")],
-            work_dir=work,
-            timeout_s=settings.inspect_timeout_s,
-        )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    with session_scope() as session:
-        dataset_service.record_inspection(
-            session, dataset_id, result=outcome.result, error=_error_of(outcome)
-        )
+    _inspect(Dataset, dataset_id, "inspect-dataset")
 
 
 def _job_spec(job: Job, model: Model, dataset_paths: dict[str, str | None]) -> dict[str, Any]:

@@ -1,30 +1,18 @@
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.db import Base
-from app.models.common import JSONType, UTCDateTime, utcnow
+from app.models.common import JSONType
+from app.models.upload import UploadedFile
 
 
-class Model(Base):
+class Model(UploadedFile, Base):
     """An uploaded model file. `inspecting` until a runner has loaded it, then `ready` or `invalid`."""
 
     __tablename__ = "model"
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
-    format: Mapped[str | None] = mapped_column(String(32))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
-    storage_key: Mapped[str] = mapped_column(String(200), unique=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)
     input_shapes: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     inspection: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
-    error_code: Mapped[str | None] = mapped_column(String(64))
-    error_message: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

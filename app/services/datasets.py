@@ -10,12 +10,11 @@ from sqlalchemy.orm import Session
 
 from app.core import queue
 from app.core.db import after_commit
-from app.core.errors import Conflict, InvalidRequest, not_found
-from app.core.ids import new_id
+from app.core.errors import Conflict, InvalidRequest
 from app.core.storage import LocalStorage
 from app.models import Dataset, Job
+from app.services import stored
 from app.services.models import ACTIVE_JOB_STATUSES
-from app.services.pagination import paginate
 from app.services.uploads import ReceivedUpload
 
 _DATASET_COLUMNS = (Job.calibration_dataset_id, Job.train_dataset_id, Job.eval_dataset_id)
@@ -41,40 +40,21 @@ def parse_preprocess(raw: str | None) -> dict[str, Any] | None:
 
 
 def create_dataset(session: Session, storage: LocalStorage, upload: ReceivedUpload) -> Dataset:
-    assert upload.file is not None
+    """Store the uploaded file under a generated name and queue its inspection (after commit)."""
     preprocess = parse_preprocess(upload.fields.get("preprocess"))
-    dataset_id = new_id("ds")
-    key = f"uploads/{dataset_id}.bin"
-    storage.commit(upload.file.tmp_path, key)
-    dataset = Dataset(
-        id=dataset_id,
-        name=(upload.fields.get("name") or upload.file.filename)[:200],
-        size_bytes=upload.file.size_bytes,
-        sha256=upload.file.sha256,
-        storage_key=key,
-        status="inspecting",
-        preprocess=preprocess,
+    return stored.record_upload(
+        session, storage, upload, Dataset, prefix="ds", task=queue.INSPECT_DATASET, preprocess=preprocess
     )
-    session.add(dataset)
-    session.flush()
-    after_commit(session, lambda: queue.enqueue(queue.INSPECT_DATASET, dataset_id))
-    return dataset
 
 
 def get_dataset(session: Session, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
-        raise not_found("dataset", dataset_id)
-    return dataset
+    return stored.get_stored(session, Dataset, dataset_id)
 
 
 def list_datasets(
     session: Session, *, limit: int, cursor: str | None, status: str | None
 ) -> tuple[list[Dataset], str | None]:
-    query = select(Dataset)
-    if status:
-        query = query.where(Dataset.status == status)
-    return paginate(session, query, Dataset.id, limit, cursor)
+    return stored.list_stored(session, Dataset, limit=limit, cursor=cursor, status=status)
 
 
 def delete_dataset(session: Session, storage: LocalStorage, dataset_id: str) -> None:
@@ -97,16 +77,9 @@ def delete_dataset(session: Session, storage: LocalStorage, dataset_id: str) -> 
 def record_inspection(
     session: Session, dataset_id: str, *, result: dict[str, Any] | None, error: tuple[str, str] | None
 ) -> None:
-    dataset = session.get(Dataset, dataset_id, with_for_update=True)
-    if dataset is None or dataset.status != "inspecting":
-        return
-    if error is not None:
-        dataset.status = "invalid"
-        dataset.error_code, dataset.error_message = error
-        return
-    assert result is not None
-    dataset.status = "ready"
-    dataset.format = result.get("format")
-    dataset.num_samples = result.get("num_samples")
-    dataset.tensors = result.get("tensors")
-    dataset.has_labels = bool(result.get("has_labels"))
+    def apply(dataset: Dataset, found: dict[str, Any]) -> None:
+        dataset.num_samples = found.get("num_samples")
+        dataset.tensors = found.get("tensors")
+        dataset.has_labels = bool(found.get("has_labels"))
+
+    stored.record_inspection(session, Dataset, dataset_id, result=result, error=error, apply=apply)

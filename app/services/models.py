@@ -10,11 +10,10 @@ from sqlalchemy.orm import Session
 
 from app.core import queue
 from app.core.db import after_commit
-from app.core.errors import Conflict, InvalidRequest, not_found
-from app.core.ids import new_id
+from app.core.errors import Conflict, InvalidRequest
 from app.core.storage import LocalStorage
 from app.models import Artifact, Job, Model
-from app.services.pagination import paginate
+from app.services import stored
 from app.services.uploads import ReceivedUpload
 
 ACTIVE_JOB_STATUSES = ("queued", "running")
@@ -53,40 +52,20 @@ def parse_input_shapes(raw: str | None) -> dict[str, list[int | None]] | None:
 
 def create_model(session: Session, storage: LocalStorage, upload: ReceivedUpload) -> Model:
     """Store the uploaded file under a generated name and queue its inspection (after commit)."""
-    assert upload.file is not None
     input_shapes = parse_input_shapes(upload.fields.get("input_shapes"))
-    model_id = new_id("mdl")
-    key = f"uploads/{model_id}.bin"
-    storage.commit(upload.file.tmp_path, key)
-    model = Model(
-        id=model_id,
-        name=(upload.fields.get("name") or upload.file.filename)[:200],
-        size_bytes=upload.file.size_bytes,
-        sha256=upload.file.sha256,
-        storage_key=key,
-        status="inspecting",
-        input_shapes=input_shapes,
+    return stored.record_upload(
+        session, storage, upload, Model, prefix="mdl", task=queue.INSPECT_MODEL, input_shapes=input_shapes
     )
-    session.add(model)
-    session.flush()
-    after_commit(session, lambda: queue.enqueue(queue.INSPECT_MODEL, model_id))
-    return model
 
 
 def get_model(session: Session, model_id: str) -> Model:
-    model = session.get(Model, model_id)
-    if model is None:
-        raise not_found("model", model_id)
-    return model
+    return stored.get_stored(session, Model, model_id)
 
 
 def list_models(
     session: Session, *, limit: int, cursor: str | None, status: str | None
 ) -> tuple[list[Model], str | None]:
-    query = select(Model)
-    if status:
-        query = query.where(Model.status == status)
-    return paginate(session, query, Model.id, limit, cursor)
+    return stored.list_stored(session, Model, limit=limit, cursor=cursor, status=status)
 
 
 def delete_model(session: Session, storage: LocalStorage, model_id: str) -> None:
@@ -106,21 +85,18 @@ def delete_model(session: Session, storage: LocalStorage, model_id: str) -> None
         session.delete(job)
     session.flush()
     session.delete(model)
-    after_commit(session, lambda: [storage.delete(key) for key in keys])
+
+    def delete_files() -> None:
+        for key in keys:
+            storage.delete(key)
+
+    after_commit(session, delete_files)
 
 
 def record_inspection(
     session: Session, model_id: str, *, result: dict[str, Any] | None, error: tuple[str, str] | None
 ) -> None:
-    """Worker side: store what the runner found. Only an `inspecting` model changes."""
-    model = session.get(Model, model_id, with_for_update=True)
-    if model is None or model.status != "inspecting":
-        return
-    if error is not None:
-        model.status = "invalid"
-        model.error_code, model.error_message = error
-        return
-    assert result is not None
-    model.status = "ready"
-    model.format = result.get("format")
-    model.inspection = {key: result[key] for key in ("inputs", "parameters", "layers")}
+    def apply(model: Model, found: dict[str, Any]) -> None:
+        model.inspection = {key: found[key] for key in ("inputs", "parameters", "layers")}
+
+    stored.record_inspection(session, Model, model_id, result=result, error=error, apply=apply)

@@ -88,7 +88,18 @@ def _quantize_and_verify(
 def test_pt2_dynamic_end_to_end(stack: Stack, pt2_file: Path, float_model: MLP, tmp_path: Path) -> None:
     model = _upload(stack, pt2_file)
     assert model["status"] == "inspecting"
-    _quantize_and_verify(stack, model["id"], float_model, pt2_file.stat().st_size, tmp_path)
+    job = _quantize_and_verify(stack, model["id"], float_model, pt2_file.stat().st_size, tmp_path)
+
+    # A second delivery of the finished job's id does nothing.
+    from app.core import queue
+
+    queue.enqueue(queue.RUN_JOB, job["id"])
+    deadline = time.monotonic() + 30
+    while f"job {job['id']} is not queued any more" not in stack.worker_log.read_text():
+        assert time.monotonic() < deadline, stack.worker_log.read_text()[-2000:]
+        time.sleep(0.2)
+    after = stack.client.get(f"/v1/jobs/{job['id']}").json()
+    assert (after["status"], after["attempts"], after["artifacts"]) == ("succeeded", 1, job["artifacts"])
     ready = stack.client.get(f"/v1/models/{model['id']}").json()
     assert ready["format"] == "pt2"
     assert ready["inspection"]["layers"].get("Linear") == 3

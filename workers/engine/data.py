@@ -121,13 +121,13 @@ def _tensor_table(fmt: str, path: Path) -> dict[str, dict]:
             continue
         if not isinstance(meta, dict) or "shape" not in meta or "dtype" not in meta:
             raise EngineError("invalid_dataset", f"safetensors entry {name!r} has no shape or dtype")
-        dtype = SAFETENSORS_DTYPES.get(str(meta["dtype"]))
-        if dtype is None:
+        dtype_name = SAFETENSORS_DTYPES.get(str(meta["dtype"]))
+        if dtype_name is None:
             raise EngineError(
                 "invalid_dataset",
                 f"safetensors entry {name!r} has dtype {meta['dtype']}; use float32 or int64",
             )
-        tensors[name] = {"shape": [int(d) for d in meta["shape"]], "dtype": dtype}
+        tensors[name] = {"shape": [int(d) for d in meta["shape"]], "dtype": dtype_name}
     return tensors
 
 
@@ -151,13 +151,14 @@ def inspect_dataset(path: str | Path) -> DatasetInfo:
             "invalid_dataset", "the dataset holds no arrays; save one per model input, e.g. x=..."
         )
     firsts = {name: (t["shape"][0] if t["shape"] else None) for name, t in tensors.items()}
-    if None in firsts.values() or len(set(firsts.values())) != 1:
+    num_samples = next(iter(firsts.values()))
+    # a None anywhere is either the first count or makes the counts differ
+    if num_samples is None or len(set(firsts.values())) != 1:
         listing = ", ".join(f"{n}: {t['shape']}" for n, t in tensors.items())
         raise EngineError(
             "invalid_dataset",
             f"every array must have the same first dimension (the sample count); found {listing}",
         )
-    num_samples = next(iter(firsts.values()))
     if num_samples == 0:
         raise EngineError("invalid_dataset", "the dataset has 0 samples")
     return DatasetInfo(fmt, int(num_samples), tensors, LABELS in tensors)

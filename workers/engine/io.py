@@ -127,7 +127,7 @@ def _pt2_info(ep: Any) -> ModelInfo:
                 "unsupported_format",
                 f"model input {spec.arg.name!r} has no recorded tensor shape; re-export it",
             )
-        shape = [d if isinstance(d, int) else None for d in val.shape]
+        shape: list[int | None] = [d if isinstance(d, int) else None for d in val.shape]
         inputs.append(InputSpec(spec.arg.name, shape, _dtype_name(val.dtype)))
     state = ep.state_dict
     parameters = sum(int(state[name].numel()) for name in ep.graph_signature.parameters if name in state)

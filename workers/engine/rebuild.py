@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import keyword
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
 from torch.fx.graph import CodeGen
+from torch.fx.node import Argument
 
 __all__ = ["RebuiltModel", "rebuild_modules"]
 
@@ -44,6 +46,50 @@ def _param(tensor: torch.Tensor) -> nn.Parameter:
     return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor.detach(), requires_grad=False)
 
 
+def _nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """A snapshot of the graph's nodes, typed (Graph.nodes is not)."""
+    return list(graph.nodes)
+
+
+def _is_attr(arg: Argument) -> TypeGuard[torch.fx.Node]:
+    """Whether an argument is a `get_attr` node, i.e. a parameter or buffer of the module."""
+    return isinstance(arg, torch.fx.Node) and arg.op == "get_attr"
+
+
+def _node_arg(node: torch.fx.Node, i: int) -> torch.fx.Node:
+    """Argument i of node, which the op's schema makes a tensor and so a graph node."""
+    arg = node.args[i]
+    if not isinstance(arg, torch.fx.Node):
+        raise TypeError(
+            f"{node.format_node()}: argument {i} should be a graph node, not {type(arg).__name__}"
+        )
+    return arg
+
+
+def _list_arg(node: torch.fx.Node, i: int) -> list[Argument]:
+    """Argument i of node, which the op's schema makes a list (Tensor[], int[])."""
+    arg = node.args[i]
+    if not isinstance(arg, (list, tuple)):
+        raise TypeError(f"{node.format_node()}: argument {i} should be a list, not {type(arg).__name__}")
+    return list(arg)
+
+
+def _bool_arg(node: torch.fx.Node, i: int) -> bool:
+    """Argument i of node, which the op's schema makes a bool."""
+    arg = node.args[i]
+    if not isinstance(arg, bool):
+        raise TypeError(f"{node.format_node()}: argument {i} should be a bool, not {type(arg).__name__}")
+    return arg
+
+
+def _int_arg(node: torch.fx.Node, i: int) -> int:
+    """Argument i of node, which the op's schema makes a plain int."""
+    arg = node.args[i]
+    if not isinstance(arg, int) or isinstance(arg, bool):
+        raise TypeError(f"{node.format_node()}: argument {i} should be an int, not {type(arg).__name__}")
+    return arg
+
+
 def _innermost_path(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     paths = [str(p) for p, _ in stack.values() if p and not str(p).startswith("_empty")]
@@ -59,10 +105,9 @@ class _Rebuilder:
         self.origin: dict[str, tuple[str, str]] = {}  # temporary name -> (path, type)
         self.by_weight: dict[tuple[str, ...], str] = {}  # weight targets -> temporary name (shared layers)
 
-    def _is_attr(self, node: Any) -> bool:
-        return isinstance(node, torch.fx.Node) and node.op == "get_attr"
-
-    def _add(self, node: torch.fx.Node, key: tuple[str, ...], make: Any, type_name: str) -> str:
+    def _add(
+        self, node: torch.fx.Node, key: tuple[str, ...], make: Callable[[], nn.Module], type_name: str
+    ) -> str:
         if key not in self.by_weight:
             temp = f"__qaas_layer_{len(self.modules)}"
             self.modules[temp] = make()
@@ -71,7 +116,7 @@ class _Rebuilder:
             self.by_weight[key] = temp
         return self.by_weight[key]
 
-    def _linear(self, node: torch.fx.Node, x: Any, w: torch.fx.Node, b: torch.fx.Node | None) -> None:
+    def _linear(self, node: torch.fx.Node, x: Argument, w: torch.fx.Node, b: torch.fx.Node | None) -> None:
         weight = _attr(self.gm, str(w.target))
         bias = _attr(self.gm, str(b.target)) if b is not None else None
         if weight.dim() != 2 or (bias is not None and bias.shape != weight.shape[:1]):
@@ -92,20 +137,27 @@ class _Rebuilder:
         node.replace_all_uses_with(call)
         self.graph.erase_node(node)
 
-    def _transposed_weight(self, node: Any) -> torch.fx.Node | None:
-        if (
-            not isinstance(node, torch.fx.Node)
-            or node.target not in TRANSPOSES
-            or not self._is_attr(node.args[0])
-        ):
+    def _transposed_weight(self, arg: Argument) -> torch.fx.Node | None:
+        """The parameter behind `permute(w, [1, 0])` or `t(w)`, else None."""
+        if not isinstance(arg, torch.fx.Node) or arg.target not in TRANSPOSES:
             return None
-        if node.target == aten.permute.default and list(node.args[1]) != [1, 0]:
+        weight = arg.args[0]
+        if not _is_attr(weight):
             return None
-        return node.args[0]
+        if arg.target == aten.permute.default and _list_arg(arg, 1) != [1, 0]:
+            return None
+        return weight
 
     def _rnn(self, node: torch.fx.Node, kind: str) -> None:
-        x, hx, params, has_biases, num_layers, _dropout, _train, bidirectional, batch_first = node.args
-        if not all(self._is_attr(p) for p in params):
+        # aten.lstm/gru.input(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        x = _node_arg(node, 0)
+        # nn.LSTM takes its state as a tuple (h, c), aten.lstm as a list; GRU has a single tensor
+        hx: Argument = tuple(_list_arg(node, 1)) if kind == "LSTM" else _node_arg(node, 1)
+        flat_params = _list_arg(node, 2)
+        has_biases, num_layers = _bool_arg(node, 3), _int_arg(node, 4)
+        bidirectional, batch_first = _bool_arg(node, 7), _bool_arg(node, 8)
+        params = [p for p in flat_params if _is_attr(p)]
+        if len(params) != len(flat_params):
             return
         tensors = [_attr(self.gm, str(p.target)) for p in params]
         gates = 4 if kind == "LSTM" else 3
@@ -127,34 +179,40 @@ class _Rebuilder:
             rnn.flatten_parameters()
             return rnn.eval()
 
+        indices: dict[torch.fx.Node, int] = {}  # LSTM user -> the output it reads
         if kind == "LSTM":
             # aten.lstm returns (output, h, c) and nn.LSTM (output, (h, c)): only plain indexing is rewired.
-            indices = [u.args[1] if u.target is operator.getitem else None for u in node.users]
-            if any(i not in (0, 1, 2) for i in indices):
-                return
+            for user in node.users:
+                index = user.args[1] if user.target is operator.getitem else None
+                if not isinstance(index, int) or index not in (0, 1, 2):
+                    return
+                indices[user] = index
         name = self._add(node, (kind.lower(), *(str(p.target) for p in params)), make, kind)
         with self.graph.inserting_before(node):
-            call = self.graph.call_module(name, (x, tuple(hx) if kind == "LSTM" else hx))
+            call = self.graph.call_module(name, (x, hx))
         call.meta = dict(node.meta)
         if kind == "GRU":  # nn.GRU returns (output, h) like aten.gru
             node.replace_all_uses_with(call)
         else:
-            for user in list(node.users):
+            for user, index in indices.items():
                 with self.graph.inserting_before(user):
-                    if user.args[1] == 0:
+                    if index == 0:
                         new = self.graph.call_function(operator.getitem, (call, 0))
                     else:
                         state = self.graph.call_function(operator.getitem, (call, 1))
-                        new = self.graph.call_function(operator.getitem, (state, user.args[1] - 1))
+                        new = self.graph.call_function(operator.getitem, (state, index - 1))
                 user.replace_all_uses_with(new)
                 self.graph.erase_node(user)
         self.graph.erase_node(node)
 
     def _embedding(self, node: torch.fx.Node) -> None:
+        # aten.embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False)
         w, indices, *rest = node.args
         padding_idx = rest[0] if rest else -1
-        if not self._is_attr(w) or any(rest[1:]) or node.kwargs:
+        if not _is_attr(w) or any(rest[1:]) or node.kwargs:
             return  # scale_grad_by_freq / sparse only matter in training, but keep such calls untouched
+        if not isinstance(padding_idx, int):
+            return  # a symbolic padding_idx: nn.Embedding needs a number
         weight = _attr(self.gm, str(w.target))
 
         def make() -> nn.Module:
@@ -172,22 +230,22 @@ class _Rebuilder:
         self.graph.erase_node(node)
 
     def run(self) -> None:
-        for node in list(self.graph.nodes):
+        for node in _nodes(self.graph):
             if node.op != "call_function":
                 continue
             args = node.args
-            if node.target == aten.linear.default and self._is_attr(args[1]) and not node.kwargs:
-                bias = args[2] if len(args) > 2 else None
-                if bias is None or self._is_attr(bias):
-                    self._linear(node, args[0], args[1], bias)
-            elif node.target == aten.addmm.default and not node.kwargs and self._is_attr(args[0]):
-                weight = self._transposed_weight(args[2])
-                if weight is not None:
-                    self._linear(node, args[1], weight, args[0])
+            if node.target == aten.linear.default and _is_attr(args[1]) and not node.kwargs:
+                weight, bias = args[1], (args[2] if len(args) > 2 else None)
+                if bias is None or _is_attr(bias):
+                    self._linear(node, args[0], weight, bias)
+            elif node.target == aten.addmm.default and not node.kwargs and _is_attr(args[0]):
+                bias, transposed = args[0], self._transposed_weight(args[2])
+                if transposed is not None:
+                    self._linear(node, args[1], transposed, bias)
             elif node.target == aten.mm.default:
-                weight = self._transposed_weight(args[1])
-                if weight is not None:
-                    self._linear(node, args[0], weight, None)
+                transposed = self._transposed_weight(args[1])
+                if transposed is not None:
+                    self._linear(node, args[0], transposed, None)
             elif node.target in (aten.lstm.input, aten.gru.input):
                 self._rnn(node, "LSTM" if node.target == aten.lstm.input else "GRU")
             elif node.target == aten.embedding.default and self.embeddings:

@@ -64,7 +64,7 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Write a file under a temporary name in its folder, fsync it, then rename it into place.
 
     A reader never sees a half-written artifact, and a crash leaves at most a stray temporary file.

@@ -3,42 +3,19 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Request, Response, status
-from fastapi.concurrency import run_in_threadpool
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep, require_broker
-from app.api.routes.common import CursorQuery, LimitQuery, multipart_body
-from app.core.db import get_sessionmaker
-from app.core.storage import LocalStorage
+from app.api.deps import SessionDep, SettingsDep, StorageDep
+from app.api.routes.common import CursorQuery, LimitQuery, handle_upload, multipart_body, stored_out
 from app.models import Dataset
 from app.schemas.common import Page, error_responses
 from app.schemas.datasets import DatasetOut
 from app.services import datasets as service
-from app.services.uploads import ReceivedUpload, receive_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=error_responses())
 
 
-def dataset_out(dataset: Dataset) -> DatasetOut:
-    return DatasetOut.model_validate(
-        {
-            **{key: getattr(dataset, key) for key in DatasetOut.model_fields if hasattr(dataset, key)},
-            "error": {"code": dataset.error_code, "message": dataset.error_message}
-            if dataset.error_code
-            else None,
-        }
-    )
-
-
-def _store(storage: LocalStorage, upload: ReceivedUpload) -> DatasetOut:
-    with get_sessionmaker()() as session:
-        dataset = service.create_dataset(session, storage, upload)
-        out = dataset_out(dataset)
-        try:
-            session.commit()
-        except Exception:
-            storage.delete(dataset.storage_key)
-            raise
-        return out
+def dataset_out(row: Dataset) -> DatasetOut:
+    return stored_out(row, DatasetOut)
 
 
 @router.post(
@@ -64,20 +41,14 @@ def _store(storage: LocalStorage, upload: ReceivedUpload) -> DatasetOut:
 async def upload_dataset(request: Request, settings: SettingsDep, storage: StorageDep) -> DatasetOut:
     """Upload calibration, training or evaluation data: `.npz` or `.safetensors` with arrays named after the
     model's inputs (a single input may be `x`) and optional `labels`. Inspected by a worker: poll until ready."""
-    await run_in_threadpool(require_broker, settings)
-    upload = await receive_upload(
-        request.stream(),
-        content_type=request.headers.get("content-type"),
-        content_length=request.headers.get("content-length"),
-        max_bytes=settings.max_upload_bytes,
-        allowed_fields={"name", "preprocess"},
-        storage=storage,
+    return await handle_upload(
+        request,
+        settings,
+        storage,
+        fields={"name", "preprocess"},
+        create=service.create_dataset,
+        out=DatasetOut,
     )
-    try:
-        return await run_in_threadpool(_store, storage, upload)
-    finally:
-        assert upload.file is not None
-        upload.file.tmp_path.unlink(missing_ok=True)
 
 
 @router.get("", response_model=Page[DatasetOut], summary="List datasets", responses=error_responses(400))

@@ -24,16 +24,16 @@ def job_out(job: Job, artifacts: list[Any]) -> JobOut:
         calibration_dataset_id=job.calibration_dataset_id,
         train_dataset_id=job.train_dataset_id,
         eval_dataset_id=job.eval_dataset_id,
-        status=job.status,  # type: ignore[arg-type]
-        mode=job.mode,  # type: ignore[arg-type]
-        backend=BackendOut(requested=job.backend_requested, chosen=job.backend_chosen),  # type: ignore[arg-type]
+        status=job.status,
+        mode=job.mode,
+        backend=BackendOut(requested=job.backend_requested, chosen=job.backend_chosen),
         config=job.config,
         progress=Progress(stage=job.stage, percent=job.percent, message=job.message),
         attempts=job.attempts,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
-        error={"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,  # type: ignore[arg-type]
+        error={"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
         metrics=job.metrics.data if job.metrics is not None else None,
         artifacts=[
             ArtifactOut(

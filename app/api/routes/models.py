@@ -3,41 +3,20 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Request, Response, status
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep, require_broker
-from app.api.routes.common import CursorQuery, LimitQuery, multipart_body
-from app.core.db import get_sessionmaker
-from app.core.storage import LocalStorage
+from app.api.deps import SessionDep, SettingsDep, StorageDep
+from app.api.routes.common import CursorQuery, LimitQuery, handle_upload, multipart_body, stored_out
 from app.models import Model
 from app.schemas.common import Page, error_responses
 from app.schemas.models import ModelOut
 from app.services import models as service
-from app.services.uploads import ReceivedUpload, receive_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses())
 
 
-def model_out(model: Model) -> ModelOut:
-    return ModelOut.model_validate(
-        {
-            **{key: getattr(model, key) for key in ModelOut.model_fields if hasattr(model, key)},
-            "error": {"code": model.error_code, "message": model.error_message} if model.error_code else None,
-        }
-    )
-
-
-def _store(storage: LocalStorage, upload: ReceivedUpload) -> ModelOut:
-    with get_sessionmaker()() as session:
-        model = service.create_model(session, storage, upload)
-        out = model_out(model)
-        try:
-            session.commit()
-        except Exception:
-            storage.delete(model.storage_key)
-            raise
-        return out
+def model_out(row: Model) -> ModelOut:
+    return stored_out(row, ModelOut)
 
 
 @router.post(
@@ -63,20 +42,9 @@ def _store(storage: LocalStorage, upload: ReceivedUpload) -> ModelOut:
 async def upload_model(request: Request, settings: SettingsDep, storage: StorageDep) -> ModelOut:
     """Upload a torch.export program (.pt2) or a TorchScript archive. It is inspected by a worker: poll until
     `status` is `ready` (or `invalid`, with `error` saying why)."""
-    await run_in_threadpool(require_broker, settings)
-    upload = await receive_upload(
-        request.stream(),
-        content_type=request.headers.get("content-type"),
-        content_length=request.headers.get("content-length"),
-        max_bytes=settings.max_upload_bytes,
-        allowed_fields={"name", "input_shapes"},
-        storage=storage,
+    return await handle_upload(
+        request, settings, storage, fields={"name", "input_shapes"}, create=service.create_model, out=ModelOut
     )
-    try:
-        return await run_in_threadpool(_store, storage, upload)
-    finally:
-        assert upload.file is not None
-        upload.file.tmp_path.unlink(missing_ok=True)
 
 
 @router.get("", response_model=Page[ModelOut], summary="List models", responses=error_responses(400))
