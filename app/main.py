@@ -20,6 +20,7 @@ log = logging.getLogger("qaas.api")
 # The one table from domain errors to HTTP statuses.
 STATUS = {
     errors.InvalidRequest: 422,
+    errors.BadRequest: 400,
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.PayloadTooLarge: 413,

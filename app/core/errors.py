@@ -16,6 +16,10 @@ class QaasError(Exception):
         self.headers = headers or {}
 
 
+class BadRequest(QaasError):
+    code = "bad_request"
+
+
 class NotFound(QaasError):
     code = "not_found"
 

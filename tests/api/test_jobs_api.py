@@ -193,5 +193,12 @@ def test_claim_is_exclusive_and_finish_publishes_artifacts(client: TestClient, s
     partial = client.get(listed["url"], headers={"Range": "bytes=0-9"})
     assert partial.status_code == 206 and partial.content == content[:10]
     assert client.get(listed["url"], headers={"If-None-Match": f'"{sha}"'}).status_code == 304
+    suffix = client.get(listed["url"], headers={"Range": "bytes=-5"})
+    assert suffix.status_code == 206 and suffix.content == content[-5:]
+    malformed = client.get(listed["url"], headers={"Range": "pages=1-2"})
+    assert malformed.status_code == 400 and malformed.json()["error"] == "malformed_range"
+    beyond = client.get(listed["url"], headers={"Range": f"bytes={len(content)}-"})
+    assert beyond.status_code == 416 and beyond.json()["error"] == "range_not_satisfiable"
+    assert beyond.headers["content-range"] == f"bytes */{len(content)}"
     missing = client.get(f"/v1/jobs/{job_id}/artifacts/nope.bin")
     assert missing.status_code == 404 and "model.int8.ts" in missing.json()["detail"]

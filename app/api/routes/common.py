@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 from app.api.deps import require_broker
 from app.core.config import Settings
 from app.core.db import get_sessionmaker
+from app.core.errors import BadRequest, RangeNotSatisfiable
 from app.core.storage import LocalStorage
 from app.models import Dataset, Model
 from app.services.uploads import ReceivedUpload, receive_upload
@@ -97,3 +99,29 @@ async def handle_upload(
     finally:
         assert upload.file is not None
         upload.file.tmp_path.unlink(missing_ok=True)
+
+
+_RANGE = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*")
+
+
+def check_range(header: str | None, size: int) -> None:
+    """Refuse a bad `Range` header with the one error schema before the file response sees it (RFC 9110 14.2)."""
+    if header is None:
+        return
+    unit, _, spec = header.partition("=")
+    parts = [_RANGE.fullmatch(part) for part in spec.split(",")]
+    if unit.strip().lower() != "bytes" or not spec or any(m is None or m.groups() == ("", "") for m in parts):
+        raise BadRequest(
+            f"malformed Range header {header!r}: use e.g. 'bytes=0-1023'", code="malformed_range"
+        )
+    for match in parts:
+        assert match is not None
+        start, end = match.groups()
+        if (start == "" and int(end) > 0) or (
+            start != "" and int(start) < size and (end == "" or int(end) >= int(start))
+        ):
+            return
+    raise RangeNotSatisfiable(
+        f"no part of Range {header!r} lies within the file's {size} bytes",
+        headers={"Content-Range": f"bytes */{size}"},
+    )

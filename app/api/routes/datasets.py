@@ -51,7 +51,7 @@ async def upload_dataset(request: Request, settings: SettingsDep, storage: Stora
     )
 
 
-@router.get("", response_model=Page[DatasetOut], summary="List datasets", responses=error_responses(400))
+@router.get("", response_model=Page[DatasetOut], summary="List datasets")
 def list_datasets(
     session: SessionDep,
     limit: LimitQuery = 20,

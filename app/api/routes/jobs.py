@@ -7,7 +7,7 @@ from fastapi import APIRouter, Header, Request, Response, status
 from fastapi.responses import FileResponse
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep, require_broker
-from app.api.routes.common import CursorQuery, LimitQuery
+from app.api.routes.common import CursorQuery, LimitQuery, check_range
 from app.core.errors import NotFound
 from app.models import Job
 from app.schemas.common import Page, error_responses
@@ -76,7 +76,7 @@ def create_job(
     return job_out(job, service.artifacts_of(session, job.id))
 
 
-@router.get("", response_model=Page[JobOut], summary="List jobs", responses=error_responses(400))
+@router.get("", response_model=Page[JobOut], summary="List jobs")
 def list_jobs(
     session: SessionDep,
     limit: LimitQuery = 20,
@@ -145,7 +145,7 @@ def get_report(job_id: str, session: SessionDep) -> dict[str, Any]:
             "description": "The file; Range requests supported.",
         },
         304: {"description": "Not modified (If-None-Match matched the ETag)"},
-        **error_responses(404),
+        **error_responses(400, 404, 416),
     },
 )
 def download_artifact(
@@ -158,6 +158,7 @@ def download_artifact(
     headers = {"etag": etag, "repr-digest": f"sha-256=:{digest}:", "cache-control": "private, max-age=0"}
     if request.headers.get("if-none-match") in (etag, "*"):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    check_range(request.headers.get("range"), artifact.size_bytes)
     return FileResponse(
         storage.path(artifact.storage_key),
         media_type="application/octet-stream",

@@ -6,7 +6,14 @@ from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import FileResponse
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep
-from app.api.routes.common import CursorQuery, LimitQuery, handle_upload, multipart_body, stored_out
+from app.api.routes.common import (
+    CursorQuery,
+    LimitQuery,
+    check_range,
+    handle_upload,
+    multipart_body,
+    stored_out,
+)
 from app.models import Model
 from app.schemas.common import Page, error_responses
 from app.schemas.models import ModelOut
@@ -47,7 +54,7 @@ async def upload_model(request: Request, settings: SettingsDep, storage: Storage
     )
 
 
-@router.get("", response_model=Page[ModelOut], summary="List models", responses=error_responses(400))
+@router.get("", response_model=Page[ModelOut], summary="List models")
 def list_models(
     session: SessionDep,
     limit: LimitQuery = 20,
@@ -69,11 +76,14 @@ def get_model(model_id: str, session: SessionDep) -> ModelOut:
     "/{model_id}/file",
     summary="Download the uploaded model file",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(404)},
+    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(400, 404, 416)},
 )
-def download_model_file(model_id: str, session: SessionDep, storage: StorageDep) -> FileResponse:
+def download_model_file(
+    model_id: str, request: Request, session: SessionDep, storage: StorageDep
+) -> FileResponse:
     """The file exactly as uploaded."""
     model = service.get_model(session, model_id)
+    check_range(request.headers.get("range"), model.size_bytes)
     return FileResponse(
         storage.path(model.storage_key),
         media_type="application/octet-stream",
