@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--data-dir", default=None)
     migrate.set_defaults(func=cmd_migrate)
+
+    from qaas import offline
+
+    offline.add_parser(sub)
     return parser
 
 

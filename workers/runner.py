@@ -87,28 +87,44 @@ def _given(section: dict[str, Any], key: str, default: Any) -> Any:
 
 
 def _config_from_spec(spec: dict[str, Any]) -> Any:
-    from workers.engine.config import BenchmarkConfig, DynamicConfig
+    """The engine config for the job spec the worker wrote (the HTTP request's mode, backend and options)."""
+    from workers.engine.config import BenchmarkConfig, DynamicConfig, QATConfig, StaticConfig
 
     mode = spec.get("mode", "dynamic")
     if mode not in MODES:
         raise EngineError("unsupported_combination", f"mode {mode!r} is unknown: use dynamic, static or qat")
-    if mode != "dynamic":
-        raise EngineError("unsupported_combination", f"mode {mode} comes with the full engine; use dynamic")
     options = spec.get("options") or {}
     bench = spec.get("benchmark") or {}
-
     try:
-        benchmark = BenchmarkConfig(
-            batch_sizes=tuple(_given(bench, "batch_sizes", (1,))),
-            threads=_given(bench, "threads", 1),
-            iterations=_given(bench, "iterations", 50),
-        )
-        return DynamicConfig(
-            backend=_given(spec, "backend", "auto"),
-            quantize_embeddings=_given(options, "quantize_embeddings", False),
-            exclude=tuple(_given(options, "exclude", ())),
-            seed=_given(options, "seed", 0),
-            benchmark=benchmark,
+        common: dict[str, Any] = {
+            "backend": _given(spec, "backend", "auto"),
+            "exclude": tuple(_given(options, "exclude", ())),
+            "seed": _given(options, "seed", 0),
+            "benchmark": BenchmarkConfig(
+                batch_sizes=tuple(_given(bench, "batch_sizes", (1,))),
+                threads=_given(bench, "threads", 1),
+                iterations=_given(bench, "iterations", 50),
+            ),
+        }
+        if mode == "dynamic":
+            return DynamicConfig(quantize_embeddings=_given(options, "quantize_embeddings", False), **common)
+        common |= {
+            "weight_granularity": _given(options, "weight_granularity", "per_channel"),
+            "activation_observer": _given(options, "activation_observer", "histogram"),
+            "calibration_batches": _given(options, "calibration_batches", 32),
+            "batch_size": _given(options, "batch_size", 8),
+        }
+        if mode == "static":
+            return StaticConfig(**common)
+        qat = options.get("qat") or {}
+        return QATConfig(
+            epochs=_given(qat, "epochs", 1),
+            learning_rate=_given(qat, "learning_rate", 1e-4),
+            loss=_given(qat, "loss", "cross_entropy"),
+            optimizer=_given(qat, "optimizer", "sgd"),
+            train_batch_size=_given(qat, "batch_size", 32),
+            freeze_observers_after=_given(qat, "freeze_observers_after", 0.5),
+            **common,
         )
     except (ValueError, TypeError) as exc:
         raise EngineError("invalid_config", str(exc)) from exc
@@ -133,9 +149,17 @@ def _quantize(args: argparse.Namespace, events: Events) -> dict[str, Any]:
         input_shapes=spec.get("input_shapes"),
         calibration=spec.get("calibration"),
         eval_data=spec.get("eval"),
+        train=spec.get("train"),
         progress=events.progress,
     )
-    return result.to_dict(relative_to=args.out)
+    out = result.to_dict(relative_to=args.out)
+    from workers.engine.result import write_json
+
+    # The report and manifest travel with the model: the worker stores them as artifacts, `qaas quantize`
+    # leaves them beside it.
+    write_json(Path(args.out) / "report.json", out["metrics"])
+    write_json(Path(args.out) / "manifest.json", out["manifest"])
+    return out
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Events], dict[str, Any]]] = {

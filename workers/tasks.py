@@ -177,10 +177,8 @@ def _store_artifacts(
     job_id: str, attempt: int, out_dir: Path, result: dict[str, Any]
 ) -> list[job_service.StoredArtifact]:
     """Copy the runner's files into storage (temp name, fsync, rename) with their sha256, plus the report and
-    manifest as JSON artifacts. Each attempt writes under its own prefix."""
+    manifest it wrote as JSON artifacts. Each attempt writes under its own prefix."""
     storage = get_storage()
-    (out_dir / "report.json").write_text(json.dumps(result["metrics"], indent=2))
-    (out_dir / "manifest.json").write_text(json.dumps(result["manifest"], indent=2))
     files = [(a["name"], out_dir / a["file"], a.get("format")) for a in result["artifacts"]]
     files += [
         ("report.json", out_dir / "report.json", "json"),

@@ -144,7 +144,7 @@ def test_bad_models_become_invalid_with_a_reason(
     model = stack.wait(f"/v1/models/{_upload(stack, junk)['id']}", {"ready", "invalid"})
     assert model["status"] == "invalid"
     assert model["error"]["code"] == "not_a_model"
-    assert "not a torch.export program or TorchScript archive" in model["error"]["message"]
+    assert "not a torch.export program, TorchScript archive or zipped Hugging Face model" in model["error"]["message"]
 
     no_shapes = stack.wait(f"/v1/models/{_upload(stack, torchscript_file)['id']}", {"ready", "invalid"})
     assert no_shapes["status"] == "invalid"

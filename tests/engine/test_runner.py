@@ -114,10 +114,13 @@ def test_quantize(mlp_pt2: Path, tmp_path: Path) -> None:
     assert json.loads((out / "result.json").read_text()) == result
 
 
-def test_quantize_refuses_other_modes_and_x86(mlp_pt2: Path, tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "static.json", model=str(mlp_pt2), mode="static")
+def test_quantize_refuses_unknown_modes_and_missing_data(mlp_pt2: Path, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "turbo.json", model=str(mlp_pt2), mode="turbo")
     rc, events, _ = run_runner("quantize", "--spec", str(spec), "--out", str(tmp_path / "a"))
     assert (rc, events[-1]["code"]) == (2, "unsupported_combination")
+    spec = write_spec(tmp_path / "static.json", model=str(mlp_pt2), mode="static")
+    rc, events, _ = run_runner("quantize", "--spec", str(spec), "--out", str(tmp_path / "c"))
+    assert (rc, events[-1]["code"]) == (2, "dataset_required")
     spec = write_spec(tmp_path / "x86.json", model=str(mlp_pt2), mode="dynamic", backend="x86")
     rc, events, _ = run_runner("quantize", "--spec", str(spec), "--out", str(tmp_path / "b"))
     assert (rc, events[-1]["code"]) == (2, "unsupported_combination")

@@ -18,6 +18,8 @@ _EXPORTS = {
     "ProgressFn": "workers.engine.result",
     "BenchmarkConfig": "workers.engine.config",
     "DynamicConfig": "workers.engine.config",
+    "StaticConfig": "workers.engine.config",
+    "QATConfig": "workers.engine.config",
     "EngineError": "workers.engine.errors",
     "detect_model_format": "workers.engine.archive",
     "inspect_model": "workers.engine.io",

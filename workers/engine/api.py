@@ -6,15 +6,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from workers.engine.config import DynamicConfig
+from workers.engine.config import DynamicConfig, QATConfig, StaticConfig
 from workers.engine.dynamic import quantize_dynamic_model
+from workers.engine.qat import quantize_qat_model
 from workers.engine.result import ArtifactFile, ProgressFn, QuantResult
+from workers.engine.static import quantize_static_model
 
 __all__ = ["ArtifactFile", "ProgressFn", "QuantResult", "quantize", "register_handler"]
 
 Handler = Callable[..., QuantResult]
-# One handler per config type: StaticConfig and QATConfig register theirs the same way.
-_HANDLERS: dict[type, Handler] = {DynamicConfig: quantize_dynamic_model}
+# One handler per config type; another backend's handler registers the same way.
+_HANDLERS: dict[type, Handler] = {
+    DynamicConfig: quantize_dynamic_model,
+    StaticConfig: quantize_static_model,
+    QATConfig: quantize_qat_model,
+}
 
 
 def register_handler(config_type: type, handler: Handler) -> None:
@@ -30,6 +36,7 @@ def quantize(
     input_shapes: dict[str, list[int | None]] | None = None,
     calibration: str | Path | None = None,
     eval_data: str | Path | None = None,
+    train: str | Path | None = None,
     progress: ProgressFn | None = None,
 ) -> QuantResult:
     """Quantize a model to int8, verify the artifact reloaded from disk, and measure it.
@@ -41,6 +48,7 @@ def quantize(
         input_shapes: TorchScript only: {name: [dims]} with None for dynamic dims, e.g. {"x": [None, 16]}.
         calibration: a dataset file (.npz or .safetensors); dynamic mode verifies on it when eval_data is None.
         eval_data: a dataset file to verify on.
+        train: a labelled dataset file (QAT only).
         progress: called with (stage, percent, message).
 
     Returns:
@@ -66,5 +74,6 @@ def quantize(
         input_shapes=input_shapes,
         calibration=calibration,
         eval_data=eval_data,
+        train=train,
         progress=progress,
     )

@@ -10,11 +10,23 @@ import json
 import os
 import warnings
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from workers.engine.errors import EngineError
 
-__all__ = ["EXPORT_HINT", "check_pt2_payloads", "check_zip", "detect_model_format", "open_zip"]
+__all__ = [
+    "EXPORT_HINT",
+    "HF_MODEL_TYPES",
+    "HFArchive",
+    "check_pt2_payloads",
+    "check_zip",
+    "detect_model_format",
+    "extract_hf_model",
+    "inspect_hf_archive",
+    "open_zip",
+]
 
 MAX_ENTRIES = 10_000
 MAX_TOTAL_UNCOMPRESSED = 16 * 1024**3
@@ -23,6 +35,27 @@ MAX_RATIO = 200
 RATIO_CHECK_MIN_BYTES = 1024**2
 NATIVE_SUFFIXES = (".so", ".dll", ".dylib", ".cpp", ".pyd")
 LISTED_NAMES = 8
+
+# Hugging Face model directories: the architectures transformers builds itself (no remote code), encoders only.
+HF_MODEL_TYPES = ("bert", "distilbert", "roberta")
+HF_CONFIG = "config.json"
+HF_INDEX = "model.safetensors.index.json"
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+)
+# Files whose loading unpickles (torch.save, joblib, pickle); safetensors is the only weight format read.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+MAX_JSON_BYTES = 16 * 1024**2
+SAVE_HINT = (
+    "save it with model.save_pretrained(folder, safe_serialization=True) and zip the folder "
+    "(config.json, model.safetensors and the tokenizer files)"
+)
 
 EXPORT_HINT = (
     "export it to .pt2 with torch.export, then upload model.pt2:\n"
@@ -62,6 +95,10 @@ def check_zip(zf: zipfile.ZipFile, *, code: str, what: str) -> list[str]:
     for info in infos:
         if _unsafe_name(info.filename):
             raise EngineError(code, f"the {what} archive has an unsafe entry path {info.filename!r}")
+        if info.flag_bits & 0x1:
+            raise EngineError(
+                code, f"the {what} archive entry {info.filename!r} is encrypted: zip it without a password"
+            )
         total += info.file_size
         ratio_suspect = info.compress_size > 0 and info.file_size / info.compress_size > MAX_RATIO
         if info.file_size > RATIO_CHECK_MIN_BYTES and ratio_suspect:
@@ -107,17 +144,19 @@ def _pt2_prefixes(names: list[str]) -> list[str]:
 
 
 def detect_model_format(path: str | Path) -> str:
-    """Tell a torch.export program from a TorchScript archive by content, never by file name.
+    """Tell a torch.export program, a TorchScript archive and a zipped Hugging Face model apart by content.
 
     Args:
         path: the uploaded file.
 
     Returns:
-        "pt2" or "torchscript".
+        "pt2", "torchscript" or "hf".
 
     Raises:
         EngineError: not_a_model, pickle_not_allowed (a `torch.save(model)` file, with the lines that export
-            it instead), native_code_not_allowed (AOTInductor packages, shared libraries, C++ sources).
+            it instead; pickled weights in a Hugging Face folder), native_code_not_allowed (AOTInductor
+            packages, shared libraries, C++ sources), unsupported_format (a Hugging Face model that needs its
+            own Python code, or a model_type qaas does not serve).
 
     Example:
         >>> detect_model_format("model.pt2")
@@ -133,7 +172,8 @@ def detect_model_format(path: str | Path) -> str:
         size = path.stat().st_size
         raise EngineError(
             "not_a_model",
-            f"not a torch.export program or TorchScript archive: found {size} bytes that are not a zip archive",
+            f"not a torch.export program, TorchScript archive or zipped Hugging Face model: found {size} bytes "
+            "that are not a zip archive",
         )
     with zf:
         names = check_zip(zf, code="not_a_model", what="model")
@@ -161,11 +201,15 @@ def detect_model_format(path: str | Path) -> str:
         for top in tops:
             if any(n.startswith(f"{top}/code/") for n in files) and f"{top}/constants.pkl" in files:
                 return "torchscript"
+        if _hf_root(files) is not None:
+            inspect_hf_archive(zf, files)
+            return "hf"
         if any(n == "data.pkl" or n.endswith("/data.pkl") for n in files):
             raise EngineError("pickle_not_allowed", "this is a pickled model (torch.save); " + EXPORT_HINT)
     raise EngineError(
         "not_a_model",
-        f"not a torch.export program or TorchScript archive: found a plain zip with files {_listing(files)}",
+        "not a torch.export program, TorchScript archive or zipped Hugging Face model (config.json and "
+        f"*.safetensors): found a plain zip with files {_listing(files)}",
     )
 
 
@@ -236,3 +280,169 @@ def check_pt2_payloads(path: str | Path) -> None:
                             f"{entry} holds pickled objects other than tensors; re-save the program with "
                             "torch.export.save from plain tensors",
                         )
+
+
+@dataclass
+class HFArchive:
+    """A checked Hugging Face model folder inside a zip.
+
+    `root` is the folder's prefix in the archive ("" or "name/"); the file lists are relative to it.
+    """
+
+    root: str
+    config: dict[str, Any]
+    weights: list[str]
+    tokenizer_files: list[str] = field(default_factory=list)
+    index: str | None = None
+
+    @property
+    def has_tokenizer(self) -> bool:
+        """Whether the folder holds a tokenizer transformers can build (fast tokenizer, WordPiece or BPE files)."""
+        names = set(self.tokenizer_files)
+        return "tokenizer.json" in names or "vocab.txt" in names or {"vocab.json", "merges.txt"} <= names
+
+    @property
+    def files(self) -> list[str]:
+        """The files to extract: the only ones transformers may read."""
+        return [HF_CONFIG, *([self.index] if self.index else []), *self.weights, *self.tokenizer_files]
+
+
+def _hf_root(files: list[str]) -> str | None:
+    """The folder holding config.json at the top of the archive or one folder down, or None."""
+    configs = [n for n in files if n == HF_CONFIG or (n.count("/") == 1 and n.endswith("/" + HF_CONFIG))]
+    if not configs:
+        return None
+    return min(configs, key=lambda n: n.count("/"))[: -len(HF_CONFIG)]
+
+
+def _read_json(zf: zipfile.ZipFile, name: str) -> Any:
+    if zf.getinfo(name).file_size > MAX_JSON_BYTES:
+        raise EngineError("not_a_model", f"{name} is larger than {MAX_JSON_BYTES} bytes; it is not a config")
+    try:
+        return json.loads(zf.read(name))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EngineError("not_a_model", f"{name} in the archive is not valid JSON: {exc}") from exc
+
+
+def _head(zf: zipfile.ZipFile, name: str) -> bytes:
+    with zf.open(name) as f:
+        return f.read(2)
+
+
+def _refuse_code_and_pickles(zf: zipfile.ZipFile, files: list[str], root: str) -> None:
+    python = [n for n in files if n.lower().endswith(".py")]
+    if python:
+        raise EngineError(
+            "unsupported_format",
+            f"the archive holds Python code ({_listing(python)}); qaas never runs a model's own code "
+            f"(trust_remote_code is off): remove it. Served architectures: {', '.join(HF_MODEL_TYPES)}",
+        )
+    # safetensors files start with a header length that may look like a pickle opcode: never sniff them.
+    pickled = [
+        n
+        for n in files
+        if n.lower().endswith(PICKLE_SUFFIXES)
+        or (not n.endswith(".safetensors") and _looks_like_pickle(_head(zf, n)))
+    ]
+    if pickled:
+        has_safetensors = any(n.startswith(root) and n.endswith(".safetensors") for n in files)
+        fix = "remove them from the zip" if has_safetensors else SAVE_HINT
+        raise EngineError(
+            "pickle_not_allowed",
+            f"the archive holds pickled files ({_listing(pickled)}): loading them would run arbitrary code, "
+            f"and qaas reads *.safetensors weights only; {fix}",
+        )
+
+
+def _refuse_remote_code(zf: zipfile.ZipFile, root: str, config: dict[str, Any]) -> None:
+    tokenizer_config = root + "tokenizer_config.json"
+    sources = [(HF_CONFIG, config)]
+    if tokenizer_config in zf.namelist():
+        sources.append(("tokenizer_config.json", _read_json(zf, tokenizer_config)))
+    for name, content in sources:
+        if isinstance(content, dict) and "auto_map" in content:
+            raise EngineError(
+                "unsupported_format",
+                f"{name} names its own Python classes (auto_map): qaas never runs a model's own code "
+                f"(trust_remote_code is off). Served architectures: {', '.join(HF_MODEL_TYPES)}; "
+                "remove auto_map if the model is one of them",
+            )
+
+
+def inspect_hf_archive(zf: zipfile.ZipFile, files: list[str] | None = None) -> HFArchive:
+    """Check a zipped Hugging Face model folder without extracting it.
+
+    The folder is the one holding config.json, at the top of the archive or one folder down. It must hold
+    config.json with an allowed model_type and *.safetensors weights; Python files, pickled files (*.bin,
+    *.pt, …, or pickle content), `auto_map` (remote code) and quantized configs are refused.
+
+    Args:
+        zf: the open archive, already passed through check_zip.
+        files: its file entries (directories left out); read from zf when None.
+
+    Raises:
+        EngineError: not_a_model, pickle_not_allowed, unsupported_format.
+    """
+    if files is None:
+        files = [n for n in zf.namelist() if not n.endswith("/")]
+    root = _hf_root(files)
+    if root is None:
+        raise EngineError("not_a_model", f"no config.json in the archive; {SAVE_HINT}")
+    _refuse_code_and_pickles(zf, files, root)
+    config = _read_json(zf, root + HF_CONFIG)
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str) or not model_type:
+        raise EngineError("not_a_model", f"{root}{HF_CONFIG} has no model_type; {SAVE_HINT}")
+    _refuse_remote_code(zf, root, config)
+    if model_type not in HF_MODEL_TYPES:
+        raise EngineError(
+            "unsupported_format",
+            f"model_type {model_type!r} is not served: qaas quantizes the encoders {', '.join(HF_MODEL_TYPES)}",
+        )
+    if config.get("quantization_config"):
+        raise EngineError(
+            "unsupported_format",
+            "this model is already quantized (quantization_config in config.json): upload the float model",
+        )
+    local = sorted(n[len(root) :] for n in files if n.startswith(root) and "/" not in n[len(root) :])
+    weights = [n for n in local if n.endswith(".safetensors")]
+    if not weights:
+        raise EngineError("not_a_model", f"config.json has no *.safetensors weights beside it; {SAVE_HINT}")
+    index = HF_INDEX if HF_INDEX in local else None
+    if index is not None:
+        weight_map = _read_json(zf, root + index).get("weight_map", {})
+        missing = sorted(set(weight_map.values()) - set(weights)) if isinstance(weight_map, dict) else []
+        if missing:
+            raise EngineError(
+                "not_a_model", f"{index} names weight files missing from the zip: {_listing(missing)}"
+            )
+    tokenizer_files = [n for n in local if n in HF_TOKENIZER_FILES]
+    return HFArchive(root, config, weights, tokenizer_files, index)
+
+
+def extract_hf_model(path: str | Path, target: str | Path) -> HFArchive:
+    """Check a zipped Hugging Face model and extract only the files transformers needs into `target`.
+
+    config.json, the safetensors weights (and their index) and the tokenizer files are written flat into
+    `target`; nothing else in the archive is extracted, so nothing else can be read by transformers.
+
+    Raises:
+        EngineError: as detect_model_format; not_a_model when the file is another kind of model.
+
+    Example:
+        >>> extract_hf_model("bert.zip", "/tmp/job/model").has_tokenizer
+        True
+    """
+    if detect_model_format(path) != "hf":
+        raise EngineError("not_a_model", f"not a zipped Hugging Face model; {SAVE_HINT}")
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path) as zf:
+        archive = inspect_hf_archive(zf)
+        for name in archive.files:
+            info = zf.getinfo(archive.root + name)
+            with zf.open(info) as src, (target / name).open("xb") as dst:
+                # zipfile stops at the declared size and checks the CRC: a lying header cannot write more.
+                while chunk := src.read(1024 * 1024):
+                    dst.write(chunk)
+    return archive

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["BACKENDS", "BenchmarkConfig", "DynamicConfig"]
+__all__ = ["BACKENDS", "BenchmarkConfig", "DynamicConfig", "QATConfig", "StaticConfig"]
 
 # "x86" is a valid request that this slice cannot serve yet: quantize() answers unsupported_combination for
 # it, so that the config stays the same when the full engine arrives.
@@ -91,3 +91,124 @@ class DynamicConfig:
             raise ValueError(f"seed must be an integer 0..{2**32 - 1}, got {self.seed!r}")
         if not isinstance(self.benchmark, BenchmarkConfig):
             raise ValueError("benchmark must be a BenchmarkConfig, e.g. BenchmarkConfig(batch_sizes=(1, 8))")
+
+
+WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
+ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram")
+LOSSES = ("cross_entropy", "mse")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _check_common(config: StaticConfig | QATConfig) -> None:
+    object.__setattr__(config, "exclude", tuple(config.exclude))
+    if config.backend not in BACKENDS:
+        raise ValueError(f"backend {config.backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+    if config.weight_granularity not in WEIGHT_GRANULARITIES:
+        raise ValueError(
+            f"weight_granularity {config.weight_granularity!r} is unknown: use {' or '.join(WEIGHT_GRANULARITIES)}"
+        )
+    if config.activation_observer not in ACTIVATION_OBSERVERS:
+        raise ValueError(
+            f"activation_observer {config.activation_observer!r} is unknown: use one of "
+            f"{', '.join(ACTIVATION_OBSERVERS)}"
+        )
+    for name in config.exclude:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(
+                f"exclude entry {name!r} is not a layer or type name: use e.g. 'head' or 'Conv2d'"
+            )
+    for label, value, high in (
+        ("calibration_batches", config.calibration_batches, 10_000),
+        ("batch_size", config.batch_size, 1024),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise ValueError(f"{label} must be an integer 1..{high}, got {value!r}")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
+        raise ValueError(f"seed must be an integer 0..{2**32 - 1}, got {config.seed!r}")
+    if not isinstance(config.benchmark, BenchmarkConfig):
+        raise ValueError("benchmark must be a BenchmarkConfig, e.g. BenchmarkConfig(batch_sizes=(1, 8))")
+
+
+@dataclass(frozen=True)
+class StaticConfig:
+    """Post-training static int8 quantization: fuse, observe activations on calibration data, convert.
+
+    Args:
+        backend: "fbgemm", "x86" or "auto" (measure the candidates on this CPU, keep the faster).
+        weight_granularity: "per_channel" or "per_tensor" weight scales.
+        activation_observer: "minmax", "moving_average" or "histogram" (the most accurate, the slowest).
+        exclude: layer names ("features.0") or type names ("Conv2d") kept in float.
+        calibration_batches: at most this many batches of the calibration set are observed, 1..10000.
+        batch_size: calibration batch size, 1..1024.
+        seed: seeds the sample order and any generated inputs.
+        benchmark: how to time the result.
+
+    Example:
+        >>> quantize("cnn.pt2", StaticConfig(activation_observer="minmax"), calibration="calib.npz", out_dir="out")
+    """
+
+    backend: str = "fbgemm"
+    weight_granularity: str = "per_channel"
+    activation_observer: str = "histogram"
+    exclude: tuple[str, ...] = ()
+    calibration_batches: int = 32
+    batch_size: int = 8
+    seed: int = 0
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """Quantization-aware training: fake-quantize, train on labelled data, then convert to int8.
+
+    Args:
+        backend, weight_granularity, activation_observer, exclude, calibration_batches, batch_size, seed,
+        benchmark: as for StaticConfig (calibration data, when given, initialises the observers first).
+        epochs: passes over the training set, 1..100.
+        learning_rate: step size, (0, 1].
+        loss: "cross_entropy" (labels are class indices) or "mse" (labels have the output's shape).
+        optimizer: "sgd" (momentum 0.9) or "adam".
+        train_batch_size: training batch size, 1..1024.
+        freeze_observers_after: fraction of the training steps after which observers and batch-norm
+            statistics are frozen, 0..1.
+
+    Example:
+        >>> quantize("cnn.pt2", QATConfig(epochs=2), train="train.npz", out_dir="out")
+    """
+
+    backend: str = "fbgemm"
+    weight_granularity: str = "per_channel"
+    activation_observer: str = "histogram"
+    exclude: tuple[str, ...] = ()
+    calibration_batches: int = 32
+    batch_size: int = 8
+    seed: int = 0
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    epochs: int = 1
+    learning_rate: float = 1e-4
+    loss: str = "cross_entropy"
+    optimizer: str = "sgd"
+    train_batch_size: int = 32
+    freeze_observers_after: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or not 1 <= self.epochs <= 100:
+            raise ValueError(f"epochs must be an integer 1..100, got {self.epochs!r}")
+        if not isinstance(self.learning_rate, (int, float)) or not 0 < self.learning_rate <= 1:
+            raise ValueError(f"learning_rate must be in (0, 1], got {self.learning_rate!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss {self.loss!r} is unknown: use {' or '.join(LOSSES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is unknown: use {' or '.join(OPTIMIZERS)}")
+        size = self.train_batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 1024:
+            raise ValueError(f"train_batch_size must be an integer 1..1024, got {size!r}")
+        if (
+            not isinstance(self.freeze_observers_after, (int, float))
+            or not 0 <= self.freeze_observers_after <= 1
+        ):
+            raise ValueError(f"freeze_observers_after must be in [0, 1], got {self.freeze_observers_after!r}")

@@ -1,4 +1,4 @@
-"""Load and inspect user models: torch.export programs (`.pt2`) and TorchScript archives."""
+"""Load and inspect user models: torch.export programs (`.pt2`), TorchScript archives, zipped Hugging Face models."""
 
 from __future__ import annotations
 
@@ -47,21 +47,27 @@ class InputSpec:
 
 @dataclass
 class ModelInfo:
-    """What inspection records about a model: its inputs, parameter count and layers by type."""
+    """What inspection records about a model: its inputs, parameter count and layers by type.
+
+    `hf` describes a Hugging Face model: {"model_type", "architecture", "tokenizer" (bool), "vocab_size",
+    "hidden_size", "max_length"}; it is None for other formats.
+    """
 
     format: str
     inputs: list[InputSpec]
     parameters: int
     layers: dict[str, int] = field(default_factory=dict)
+    hf: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """{"format", "inputs": [{"name", "shape", "dtype"}], "parameters", "layers"}."""
-        return {
+        """{"format", "inputs": [{"name", "shape", "dtype"}], "parameters", "layers"}, and "hf" when set."""
+        out = {
             "format": self.format,
             "inputs": [spec.to_dict() for spec in self.inputs],
             "parameters": self.parameters,
             "layers": dict(self.layers),
         }
+        return out if self.hf is None else out | {"hf": dict(self.hf)}
 
 
 @dataclass
@@ -69,12 +75,16 @@ class LoadedModel:
     """A model ready to run: `module` is the callable float model in eval mode.
 
     `program` is the ExportedProgram of a `.pt2` (the dynamic handler rebuilds from it), else None.
+    `directory` is the extracted folder of a Hugging Face model (its tokenizer lives there), else None; it
+    stays on disk while this object lives (`keep` holds its temporary directory).
     """
 
     format: str
     module: Any
     info: ModelInfo
     program: Any = None
+    directory: Path | None = None
+    keep: Any = field(default=None, repr=False)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -234,13 +244,17 @@ def _load_script(path: Path) -> Any:
         ) from exc
 
 
-def load_model(path: str | Path, input_shapes: InputShapes | None = None) -> LoadedModel:
+def load_model(
+    path: str | Path, input_shapes: InputShapes | None = None, *, workdir: str | Path | None = None
+) -> LoadedModel:
     """Load an uploaded model (format detected from content) with its inspection.
 
     Args:
-        path: the `.pt2` or TorchScript file.
+        path: the `.pt2`, TorchScript or zipped Hugging Face model file.
         input_shapes: for TorchScript (which has no shapes), {name: [dims]} with None for dynamic dims,
-            e.g. {"x": [None, 16]}; a value may also be {"shape": [...], "dtype": "int64"}. Ignored for `.pt2`.
+            e.g. {"x": [None, 16]}; a value may also be {"shape": [...], "dtype": "int64"}. Ignored otherwise.
+        workdir: where a Hugging Face model is extracted (a new folder inside it); a temporary directory
+            that lives as long as the LoadedModel when None.
 
     Raises:
         EngineError: any detection code, input_shapes_required, invalid_input_shapes, model_load_failed.
@@ -250,6 +264,10 @@ def load_model(path: str | Path, input_shapes: InputShapes | None = None) -> Loa
     """
     path = Path(path)
     fmt = detect_model_format(path)
+    if fmt == "hf":
+        from workers.engine.hf import load_hf  # transformers is imported only for Hugging Face models
+
+        return load_hf(path, workdir=workdir)
     if fmt == "pt2":
         ep, module = _load_program(path)
         return LoadedModel(fmt, module, _pt2_info(ep), program=ep)
@@ -259,6 +277,9 @@ def load_model(path: str | Path, input_shapes: InputShapes | None = None) -> Loa
 
 def inspect_model(path: str | Path, input_shapes: InputShapes | None = None) -> ModelInfo:
     """Inspect an uploaded model: inputs (None marks dynamic dimensions), parameter count, layers by type.
+
+    A Hugging Face model takes `input_ids` and `attention_mask`, both [None, None] int64 (any batch and
+    sequence length), and its info has an "hf" section (model_type, whether a tokenizer came with it, …).
 
     Raises:
         EngineError: as load_model.

@@ -1,9 +1,12 @@
 """Turn the aten calls of a torch.export program back into nn modules that torch.ao can quantize.
 
-`ep.module()` holds `aten.linear` calls on parameters, not `nn.Linear` modules, so `quantize_dynamic` finds
-nothing in it. This pass replaces each `aten.linear` (and its decomposed `addmm`/`mm` form), `aten.lstm`,
-`aten.gru` and, on request, `aten.embedding` whose weights are parameters by a call to a fresh module holding
-those same tensors, and switches the graph to plain positional code so that TorchScript can compile it.
+`ep.module()` holds `aten.linear` calls on parameters, not `nn.Linear` modules, so `quantize_dynamic` and FX
+quantization find nothing in it. This pass replaces each `aten.linear` (and its decomposed `addmm`/`mm` form),
+`aten.lstm`, `aten.gru` and, on request, `aten.embedding` whose weights are parameters by a call to a fresh
+module holding those same tensors, and switches the graph to plain positional code so that TorchScript can
+compile it. For static quantization it also rebuilds convolutions, eval-mode batch norms and ReLUs as modules
+(so that FX fuses conv+bn+relu) and turns a few aten calls into the torch functions FX knows (pooling,
+flatten, add, cat…), so that quantized tensors flow through them instead of being dequantized.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import keyword
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, TypeVar
 
 import torch
 from torch import nn
@@ -22,7 +25,29 @@ from torch.fx.node import Argument
 __all__ = ["RebuiltModel", "rebuild_modules"]
 
 aten = torch.ops.aten
+T = TypeVar("T")
+F = nn.functional
 TRANSPOSES = (aten.permute.default, aten.t.default)
+CONVOLUTIONS: dict[int, type[nn.Module]] = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}  # by weight rank
+BATCH_NORMS: dict[int, type[nn.Module]] = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}  # fmt: skip
+# aten calls whose positional arguments mean the same in the torch function FX quantization matches.
+FUNCTIONS: dict[Any, Callable[..., Any]] = {
+    aten.max_pool2d.default: F.max_pool2d,
+    aten.avg_pool2d.default: F.avg_pool2d,
+    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+    aten.flatten.using_ints: torch.flatten,
+    aten.add.Tensor: torch.add,
+    aten.mul.Tensor: torch.mul,
+    aten.cat.default: torch.cat,
+    aten.mean.dim: torch.mean,
+    aten.hardtanh.default: F.hardtanh,
+    aten.hardswish.default: F.hardswish,
+    aten.sigmoid.default: torch.sigmoid,
+    aten.tanh.default: torch.tanh,
+    # Quantized convolutions return channels-last tensors, on which a decomposed program's `view` fails.
+    aten.view.default: torch.reshape,
+    aten._unsafe_view.default: torch.reshape,
+}
 
 
 @dataclass
@@ -56,12 +81,12 @@ def _is_attr(arg: Argument) -> TypeGuard[torch.fx.Node]:
     return isinstance(arg, torch.fx.Node) and arg.op == "get_attr"
 
 
-def _node_arg(node: torch.fx.Node, i: int) -> torch.fx.Node:
-    """Argument i of node, which the op's schema makes a tensor and so a graph node."""
+def _arg(node: torch.fx.Node, i: int, kind: type[T]) -> T:
+    """Argument i of node, of the type the op's schema gives it (a graph node for a tensor, a bool, an int)."""
     arg = node.args[i]
-    if not isinstance(arg, torch.fx.Node):
+    if not isinstance(arg, kind) or (kind is int and isinstance(arg, bool)):
         raise TypeError(
-            f"{node.format_node()}: argument {i} should be a graph node, not {type(arg).__name__}"
+            f"{node.format_node()}: argument {i} should be {kind.__name__}, not {type(arg).__name__}"
         )
     return arg
 
@@ -74,22 +99,6 @@ def _list_arg(node: torch.fx.Node, i: int) -> list[Argument]:
     return list(arg)
 
 
-def _bool_arg(node: torch.fx.Node, i: int) -> bool:
-    """Argument i of node, which the op's schema makes a bool."""
-    arg = node.args[i]
-    if not isinstance(arg, bool):
-        raise TypeError(f"{node.format_node()}: argument {i} should be a bool, not {type(arg).__name__}")
-    return arg
-
-
-def _int_arg(node: torch.fx.Node, i: int) -> int:
-    """Argument i of node, which the op's schema makes a plain int."""
-    arg = node.args[i]
-    if not isinstance(arg, int) or isinstance(arg, bool):
-        raise TypeError(f"{node.format_node()}: argument {i} should be an int, not {type(arg).__name__}")
-    return arg
-
-
 def _innermost_path(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     paths = [str(p) for p, _ in stack.values() if p and not str(p).startswith("_empty")]
@@ -97,10 +106,11 @@ def _innermost_path(node: torch.fx.Node) -> str:
 
 
 class _Rebuilder:
-    def __init__(self, gm: torch.fx.GraphModule, embeddings: bool) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, embeddings: bool, static: bool) -> None:
         self.gm = gm
         self.graph = gm.graph
         self.embeddings = embeddings
+        self.static = static
         self.modules: dict[str, nn.Module] = {}  # temporary name -> module
         self.origin: dict[str, tuple[str, str]] = {}  # temporary name -> (path, type)
         self.by_weight: dict[tuple[str, ...], str] = {}  # weight targets -> temporary name (shared layers)
@@ -116,6 +126,20 @@ class _Rebuilder:
             self.by_weight[key] = temp
         return self.by_weight[key]
 
+    def _swap(
+        self, node: torch.fx.Node, key: tuple[str, ...], make: Callable[[], nn.Module], type_name: str,
+        args: tuple[Argument, ...], replaced: torch.fx.Node | None = None,
+    ) -> None:  # fmt: skip
+        """Call the module (built once per key) instead of node; `replaced` is the node whose uses move."""
+        name = self._add(node, key, make, type_name)
+        with self.graph.inserting_before(node):
+            call = self.graph.call_module(name, args)
+        call.meta = dict(node.meta)
+        (replaced or node).replace_all_uses_with(call)
+        if replaced is not None:
+            self.graph.erase_node(replaced)
+        self.graph.erase_node(node)
+
     def _linear(self, node: torch.fx.Node, x: Argument, w: torch.fx.Node, b: torch.fx.Node | None) -> None:
         weight = _attr(self.gm, str(w.target))
         bias = _attr(self.gm, str(b.target)) if b is not None else None
@@ -130,12 +154,78 @@ class _Rebuilder:
             return lin
 
         key = ("linear", str(w.target), str(b.target) if b is not None else "")
-        name = self._add(node, key, make, "Linear")
-        with self.graph.inserting_before(node):
-            call = self.graph.call_module(name, (x,))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        self.graph.erase_node(node)
+        self._swap(node, key, make, "Linear", (x,))
+
+    def _conv(self, node: torch.fx.Node, args: list[Argument]) -> None:
+        # aten.conv{1,2,3}d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1) with every default
+        # filled in; the decomposed aten.convolution carries the same numbers.
+        x, w, b, stride, padding, dilation, groups = args
+        if not _is_attr(w) or not (b is None or _is_attr(b)):
+            return
+        weight = _attr(self.gm, str(w.target))
+        bias = _attr(self.gm, str(b.target)) if b is not None else None
+        cls = CONVOLUTIONS.get(weight.dim())
+        if cls is None or not isinstance(groups, int):
+            return
+        rank = weight.dim() - 2
+
+        def spread(value: Any) -> tuple[int, ...]:  # [k] or [k, k] or k -> (k, k)
+            return (
+                tuple(value) * (rank // len(value)) if isinstance(value, (list, tuple)) else (value,) * rank
+            )
+
+        def make() -> nn.Module:
+            conv = cls(
+                weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=spread(stride),
+                padding=spread(padding), dilation=spread(dilation), groups=groups, bias=bias is not None,
+            )  # fmt: skip
+            conv.weight = _param(weight)
+            if bias is not None:
+                conv.bias = _param(bias)
+            return conv.eval()
+
+        key = ("conv", str(w.target), str(b.target) if b is not None else "")
+        self._swap(node, key, make, cls.__name__, (x,))
+
+    def _batch_norm(self, node: torch.fx.Node, replaced: torch.fx.Node | None) -> None:
+        # batch_norm(x, w, b, mean, var, training, momentum, eps, cudnn) and its decomposed form
+        # _native_batch_norm_legit_no_training(x, w, b, mean, var, momentum, eps)[0]
+        x, w, b, mean, var = node.args[:5]
+        momentum, eps = node.args[6:8] if node.target == aten.batch_norm.default else node.args[5:7]
+        value = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        cls = BATCH_NORMS.get(value.dim()) if isinstance(value, torch.Tensor) else None
+        affine = _is_attr(w) and _is_attr(b)
+        if cls is None or not (_is_attr(mean) and _is_attr(var)) or not (affine or w is b is None):
+            return
+        if node.target == aten.batch_norm.default and node.args[5] is not False:
+            return  # training-mode statistics: not the eval-mode layer this pass rebuilds
+        tensors = [_attr(self.gm, str(a.target)) for a in (w, b, mean, var) if _is_attr(a)]
+
+        def make() -> nn.Module:
+            norm = cls(tensors[-1].shape[0], eps=eps, momentum=momentum, affine=affine)
+            if affine:
+                norm.weight, norm.bias = _param(tensors[0]), _param(tensors[1])
+            norm.running_mean, norm.running_var = tensors[-2], tensors[-1]
+            return norm.eval()
+
+        key = ("batch_norm", *(str(a.target) for a in (w, b, mean, var) if _is_attr(a)))
+        self._swap(node, key, make, cls.__name__, (x,), replaced)
+
+    def _static_ops(self, node: torch.fx.Node) -> None:
+        args: list[Any] = list(node.args)
+        target = node.target
+        if target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default) and not node.kwargs:
+            self._conv(node, args + [None, 1, 0, 1, 1][len(args) - 2 :])
+        elif target == aten.convolution.default and not node.kwargs and args[6] is False:
+            self._conv(node, args[:6] + args[8:9])
+        elif target == aten.batch_norm.default:
+            self._batch_norm(node, None)
+        elif target == aten._native_batch_norm_legit_no_training.default:
+            users = list(node.users)
+            if len(users) == 1 and users[0].target is operator.getitem and users[0].args[1] == 0:
+                self._batch_norm(node, users[0])
+        elif target == aten.relu.default:
+            self._swap(node, (f"relu_{node.name}",), nn.ReLU, "ReLU", (args[0],))
 
     def _transposed_weight(self, arg: Argument) -> torch.fx.Node | None:
         """The parameter behind `permute(w, [1, 0])` or `t(w)`, else None."""
@@ -150,12 +240,12 @@ class _Rebuilder:
 
     def _rnn(self, node: torch.fx.Node, kind: str) -> None:
         # aten.lstm/gru.input(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
-        x = _node_arg(node, 0)
+        x = _arg(node, 0, torch.fx.Node)
         # nn.LSTM takes its state as a tuple (h, c), aten.lstm as a list; GRU has a single tensor
-        hx: Argument = tuple(_list_arg(node, 1)) if kind == "LSTM" else _node_arg(node, 1)
+        hx: Argument = tuple(_list_arg(node, 1)) if kind == "LSTM" else _arg(node, 1, torch.fx.Node)
         flat_params = _list_arg(node, 2)
-        has_biases, num_layers = _bool_arg(node, 3), _int_arg(node, 4)
-        bidirectional, batch_first = _bool_arg(node, 7), _bool_arg(node, 8)
+        has_biases, num_layers = _arg(node, 3, bool), _arg(node, 4, int)
+        bidirectional, batch_first = _arg(node, 7, bool), _arg(node, 8, bool)
         params = [p for p in flat_params if _is_attr(p)]
         if len(params) != len(flat_params):
             return
@@ -222,12 +312,7 @@ class _Rebuilder:
             emb.weight = _param(weight)
             return emb
 
-        name = self._add(node, ("embedding", str(w.target)), make, "Embedding")
-        with self.graph.inserting_before(node):
-            call = self.graph.call_module(name, (indices,))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        self.graph.erase_node(node)
+        self._swap(node, ("embedding", str(w.target)), make, "Embedding", (indices,))
 
     def run(self) -> None:
         for node in _nodes(self.graph):
@@ -250,6 +335,8 @@ class _Rebuilder:
                 self._rnn(node, "LSTM" if node.target == aten.lstm.input else "GRU")
             elif node.target == aten.embedding.default and self.embeddings:
                 self._embedding(node)
+            elif self.static:
+                self._static_ops(node)
 
 
 def _strip_checks(graph: torch.fx.Graph) -> None:
@@ -290,12 +377,14 @@ def _plain_outputs(graph: torch.fx.Graph, out_spec: Any, warnings: list[str]) ->
         )
 
 
-def rebuild_modules(program: Any, *, embeddings: bool = False) -> RebuiltModel:
+def rebuild_modules(program: Any, *, embeddings: bool = False, static: bool = False) -> RebuiltModel:
     """Rebuild nn.Linear / nn.LSTM / nn.GRU (and nn.Embedding) modules from an ExportedProgram's aten calls.
 
     Args:
         program: a torch.export.ExportedProgram.
         embeddings: also rebuild `aten.embedding` calls as nn.Embedding.
+        static: also rebuild convolutions, eval-mode batch norms and ReLUs as modules, and call the torch
+            functions FX quantization matches for pooling, flatten, add, cat… (see FUNCTIONS).
 
     Returns:
         A RebuiltModel whose module takes the program's user inputs positionally and computes the same
@@ -311,7 +400,7 @@ def rebuild_modules(program: Any, *, embeddings: bool = False) -> RebuiltModel:
     codegen = graph._codegen
     pytree_info = getattr(codegen, "pytree_info", None)
     _strip_checks(graph)
-    builder = _Rebuilder(gm, embeddings)
+    builder = _Rebuilder(gm, embeddings, static)
     builder.run()
     graph.eliminate_dead_code()
     if pytree_info is not None:
@@ -324,7 +413,8 @@ def rebuild_modules(program: Any, *, embeddings: bool = False) -> RebuiltModel:
     graph.set_codegen(CodeGen())
     for node in graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            node.target = node.target.overloadpacket
+            function = FUNCTIONS.get(node.target) if static else None
+            node.target = function or node.target.overloadpacket
     kept = {
         str(n.target)
         for n in graph.nodes

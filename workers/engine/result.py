@@ -14,7 +14,8 @@ from typing import Any
 __all__ = ["ArtifactFile", "ProgressFn", "QuantResult", "atomic_write", "sha256_file", "write_json"]
 
 ProgressFn = Callable[[str, float, str], None]
-"""(stage, percent 0-100, message); stages: loading, converting, verifying, benchmarking, saving."""
+"""(stage, percent 0-100, message); stages: loading, calibrating, training, converting, saving, verifying,
+benchmarking, saving."""
 
 
 @dataclass

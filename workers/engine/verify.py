@@ -11,7 +11,7 @@ import torch
 
 from workers.engine.errors import EngineError
 from workers.engine.io import InputSpec
-from workers.engine.shapes import resolve_tensor_name
+from workers.engine.shapes import LABELS, resolve_tensor_name
 
 __all__ = ["Batch", "call_model", "dataset_batches", "fidelity", "flat_outputs", "random_batch"]
 
@@ -48,8 +48,25 @@ def random_batch(specs: Sequence[InputSpec], batch: int, seed: int) -> Batch:
     return out
 
 
-def dataset_batches(specs: Sequence[InputSpec], arrays: Mapping[str, np.ndarray]) -> list[Batch]:
-    """Up to 64 samples of a dataset as model batches (of 8, or of the model's fixed batch size)."""
+def dataset_batches(
+    specs: Sequence[InputSpec],
+    arrays: Mapping[str, np.ndarray],
+    *,
+    batch_size: int | None = None,
+    limit: int = MAX_VERIFY_SAMPLES,
+    seed: int | None = None,
+    labels: bool = False,
+) -> list[Batch]:
+    """Up to `limit` samples of a dataset as model batches, by default 64 samples in batches of 8.
+
+    Args:
+        batch_size: samples per batch (default 8); a model with a fixed batch size always gets its own, and
+            then a last partial batch is dropped.
+        limit: the most samples used.
+        seed: when given, the samples are shuffled with it first (calibration and training order).
+        labels: also put the dataset's "labels" tensor into each batch, under that name (pop it before
+            calling the model).
+    """
     names = list(arrays)
     columns = {}
     for spec in specs:
@@ -59,10 +76,18 @@ def dataset_batches(specs: Sequence[InputSpec], arrays: Mapping[str, np.ndarray]
         columns[spec.name] = torch.from_numpy(np.ascontiguousarray(arrays[key])).to(
             getattr(torch, spec.dtype)
         )
-    total = min(len(next(iter(columns.values()))), MAX_VERIFY_SAMPLES)
-    size = fixed_batch(specs) or VERIFY_BATCH
-    starts = range(0, total - size + 1, size) if fixed_batch(specs) else range(0, total, size)
-    return [{name: col[s : s + size] for name, col in columns.items()} for s in starts]
+    if labels:
+        columns[LABELS] = torch.from_numpy(np.ascontiguousarray(arrays[LABELS]))
+    count = len(next(iter(columns.values())))
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)) if seed is not None else None
+    total = min(count, limit)
+    fixed = fixed_batch(specs)
+    size = fixed or batch_size or VERIFY_BATCH
+    starts = range(0, total - size + 1, size) if fixed else range(0, total, size)
+    if order is None:
+        return [{name: col[s : min(s + size, total)] for name, col in columns.items()} for s in starts]
+    picks = [order[s : min(s + size, total)] for s in starts]
+    return [{name: col[pick] for name, col in columns.items()} for pick in picks]
 
 
 def call_model(module: Any, batch: Batch, *, by_name: bool) -> Any:
