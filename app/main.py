@@ -11,7 +11,7 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.routes import datasets, health, jobs, models
+from app.api.routes import datasets, health, jobs, models, reports
 from app.core import errors
 from app.core.config import get_settings
 
@@ -88,6 +88,6 @@ def create_app() -> FastAPI:
         log.exception("unhandled error")
         return _error(500, "internal_error", "an unexpected error happened; it was logged")
 
-    for router in (models.router, datasets.router, jobs.router, health.router):
+    for router in (models.router, datasets.router, jobs.router, reports.router, health.router):
         app.include_router(router)
     return app

@@ -76,8 +76,26 @@ def _inspect_model(args: argparse.Namespace, events: Events) -> dict[str, Any]:
 def _inspect_dataset(args: argparse.Namespace, events: Events) -> dict[str, Any]:
     from workers.engine.data import inspect_dataset
 
+    preprocess = _parse_json(args.preprocess, "invalid_dataset", "--preprocess")
     events.progress("loading", 0.0, "inspecting the dataset")
-    return inspect_dataset(args.file).to_dict()
+    return inspect_dataset(args.file, preprocess=preprocess).to_dict()
+
+
+def _dataset_path(spec: dict[str, Any], role: str, work: Path) -> str | None:
+    """The dataset file the engine reads for `role`. An image-folder zip is decoded here with its upload's
+    preprocessing into an .npz in the runner's own directory, so the engine sees plain arrays."""
+    path = spec.get(role)
+    preprocess = (spec.get("preprocess") or {}).get(role)
+    if path is None or not preprocess:
+        return path
+    import numpy as np
+
+    from workers.engine.data import load_dataset
+
+    arrays = load_dataset(path, preprocess=preprocess)
+    target = work / f"{role}.npz"
+    np.savez(target, allow_pickle=False, **arrays)
+    return str(target)
 
 
 def _given(section: dict[str, Any], key: str, default: Any) -> Any:
@@ -142,14 +160,15 @@ def _quantize(args: argparse.Namespace, events: Events) -> dict[str, Any]:
     config = _config_from_spec(spec)
     from workers.engine.api import quantize
 
+    work = Path.cwd()
     result = quantize(
         spec["model"],
         config,
         out_dir=args.out,
         input_shapes=spec.get("input_shapes"),
-        calibration=spec.get("calibration"),
-        eval_data=spec.get("eval"),
-        train=spec.get("train"),
+        calibration=_dataset_path(spec, "calibration", work),
+        eval_data=_dataset_path(spec, "eval", work),
+        train=_dataset_path(spec, "train", work),
         progress=events.progress,
     )
     out = result.to_dict(relative_to=args.out)
@@ -175,11 +194,16 @@ def _parser() -> argparse.ArgumentParser:
     model = commands.add_parser(
         "inspect-model", help="record a model's format, inputs, parameters and layers"
     )
-    model.add_argument("--file", required=True, help="the uploaded model (.pt2 or TorchScript)")
+    model.add_argument(
+        "--file", required=True, help="the uploaded model (.pt2, TorchScript or a zipped Hugging Face model)"
+    )
     model.add_argument("--input-shapes", help='TorchScript only: JSON such as {"x": [null, 16]}')
     model.add_argument("--out", required=True, help="the folder for result.json")
     dataset = commands.add_parser("inspect-dataset", help="record a dataset's tensors, samples and labels")
-    dataset.add_argument("--file", required=True, help="the uploaded dataset (.npz or .safetensors)")
+    dataset.add_argument(
+        "--file", required=True, help="the uploaded dataset (.npz, .safetensors, image-folder zip or JSONL)"
+    )
+    dataset.add_argument("--preprocess", help='image folders: JSON such as {"resize": 256, "crop": 224}')
     dataset.add_argument("--out", required=True, help="the folder for result.json")
     job = commands.add_parser("quantize", help="quantize, verify and benchmark one model")
     job.add_argument(

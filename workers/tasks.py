@@ -48,6 +48,8 @@ def _inspect(cls: type[Stored], object_id: str, command: str) -> None:
         args: list[str] = [command, "--file", str(get_storage().path(row.storage_key))]
         if isinstance(row, Model) and row.input_shapes is not None:
             args += ["--input-shapes", json.dumps(row.input_shapes)]
+        if isinstance(row, Dataset) and row.preprocess is not None:
+            args += ["--preprocess", json.dumps(row.preprocess)]
     work = settings.work_dir / f"inspect-{object_id}-{uuid.uuid4().hex[:8]}"
     try:
         outcome = run_runner(
@@ -72,7 +74,7 @@ def inspect_dataset(dataset_id: str) -> None:
     _inspect(Dataset, dataset_id, "inspect-dataset")
 
 
-def _job_spec(job: Job, model: Model, dataset_paths: dict[str, str | None]) -> dict[str, Any]:
+def _job_spec(job: Job, model: Model, datasets: dict[str, Any]) -> dict[str, Any]:
     config = job.config
     return {
         "model": str(get_storage().path(model.storage_key)),
@@ -81,7 +83,7 @@ def _job_spec(job: Job, model: Model, dataset_paths: dict[str, str | None]) -> d
         "backend": job.backend_requested,
         "options": config.get("options", {}),
         "benchmark": config.get("benchmark", {}),
-        **dataset_paths,
+        **datasets,
     }
 
 
@@ -100,15 +102,17 @@ def run_job(job_id: str) -> None:
             return
         model = session.get(Model, job.model_id)
         assert model is not None
-        dataset_paths: dict[str, str | None] = {}
+        datasets: dict[str, Any] = {"preprocess": {}}
         for role, dataset_id in (
             ("calibration", job.calibration_dataset_id),
             ("train", job.train_dataset_id),
             ("eval", job.eval_dataset_id),
         ):
             dataset = session.get(Dataset, dataset_id) if dataset_id else None
-            dataset_paths[role] = str(storage.path(dataset.storage_key)) if dataset else None
-        spec = _job_spec(job, model, dataset_paths)
+            datasets[role] = str(storage.path(dataset.storage_key)) if dataset else None
+            if dataset is not None and dataset.preprocess:
+                datasets["preprocess"][role] = dataset.preprocess
+        spec = _job_spec(job, model, datasets)
         attempt = job.attempts
         timeout_s = float(job.config.get("timeout_s") or settings.job_timeout_s)
         threads = int(job.config.get("benchmark", {}).get("threads", 1))

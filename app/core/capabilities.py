@@ -4,8 +4,8 @@ The engine (workers/engine) enforces the same matrix; keep the two in step."""
 from __future__ import annotations
 
 SUPPORT: dict[str, dict[str, tuple[str, ...]]] = {
-    "pt2": {"dynamic": ("auto", "fbgemm")},
-    "torchscript": {"dynamic": ("auto", "fbgemm")},
+    "pt2": {"dynamic": ("auto", "fbgemm"), "static": ("auto", "fbgemm"), "qat": ("auto", "fbgemm")},
+    "torchscript": {"dynamic": ("auto", "fbgemm"), "static": ("auto", "fbgemm")},
 }
 
 

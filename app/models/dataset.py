@@ -19,3 +19,4 @@ class Dataset(UploadedFile, Base):
     num_samples: Mapped[int | None] = mapped_column(Integer)
     tensors: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     has_labels: Mapped[bool | None] = mapped_column(Boolean)
+    classes: Mapped[list[str] | None] = mapped_column(JSONType)

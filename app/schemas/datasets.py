@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -10,7 +10,7 @@ from app.schemas.common import ObjectError
 
 class TensorSpec(BaseModel):
     shape: list[int]
-    dtype: str
+    dtype: str = Field(description='e.g. "float32", "int64"; "str" for JSONL text, tokenized at job time.')
 
 
 class DatasetOut(BaseModel):
@@ -40,5 +40,7 @@ class DatasetOut(BaseModel):
     num_samples: int | None = None
     tensors: dict[str, TensorSpec] | None = None
     has_labels: bool | None = Field(None, description="True when the file holds a `labels` array.")
+    classes: list[str] | None = Field(None, description="Image folders: class names in label order.")
+    preprocess: dict[str, Any] | None = None
     error: ObjectError | None = None
     created_at: datetime

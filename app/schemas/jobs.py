@@ -142,3 +142,4 @@ class JobOut(BaseModel):
     runner: dict[str, Any] | None = None
     manifest: dict[str, Any] | None = None
     report_url: str | None = None
+    report_html_url: str | None = None

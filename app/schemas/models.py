@@ -18,6 +18,10 @@ class Inspection(BaseModel):
     inputs: list[InputSpec]
     parameters: int
     layers: dict[str, int] = Field(description='Layer counts by type, e.g. {"Linear": 3}.')
+    hf: dict[str, Any] | None = Field(
+        None,
+        description="Hugging Face uploads: model_type, architecture, tokenizer (bool), vocab_size, max_length.",
+    )
 
 
 class ModelOut(BaseModel):

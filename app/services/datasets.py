@@ -81,5 +81,6 @@ def record_inspection(
         dataset.num_samples = found.get("num_samples")
         dataset.tensors = found.get("tensors")
         dataset.has_labels = bool(found.get("has_labels"))
+        dataset.classes = found.get("classes")
 
     stored.record_inspection(session, Dataset, dataset_id, result=result, error=error, apply=apply)

@@ -102,9 +102,18 @@ def create_job(
         if dataset_id is None:
             continue
         dataset = _ready_dataset(session, dataset_id, role)
-        mismatch = shape_mismatch(role, model.inspection["inputs"], dataset.tensors or {})
-        if mismatch:
-            raise InvalidRequest(mismatch, code="dataset_mismatch")
+        if dataset.format == "jsonl":
+            # Text is tokenized at job time by the model's own tokenizer: only a Hugging Face upload has one.
+            if not (model.inspection.get("hf") or {}).get("tokenizer"):
+                raise InvalidRequest(
+                    f"the {role} dataset {dataset_id} is JSONL text, which needs a Hugging Face model uploaded "
+                    "with its tokenizer files: upload arrays (.npz) named after the model's inputs instead",
+                    code="dataset_mismatch",
+                )
+        else:
+            mismatch = shape_mismatch(role, model.inspection["inputs"], dataset.tensors or {})
+            if mismatch:
+                raise InvalidRequest(mismatch, code="dataset_mismatch")
         if role == "train" and not dataset.has_labels:
             raise InvalidRequest(
                 f"the training dataset {dataset_id} has no 'labels' array: QAT needs labels",

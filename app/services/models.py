@@ -97,6 +97,8 @@ def record_inspection(
     session: Session, model_id: str, *, result: dict[str, Any] | None, error: tuple[str, str] | None
 ) -> None:
     def apply(model: Model, found: dict[str, Any]) -> None:
-        model.inspection = {key: found[key] for key in ("inputs", "parameters", "layers")}
+        model.inspection = {
+            key: found[key] for key in ("inputs", "parameters", "layers", "hf") if key in found
+        }
 
     stored.record_inspection(session, Model, model_id, result=result, error=error, apply=apply)

@@ -144,7 +144,10 @@ def test_bad_models_become_invalid_with_a_reason(
     model = stack.wait(f"/v1/models/{_upload(stack, junk)['id']}", {"ready", "invalid"})
     assert model["status"] == "invalid"
     assert model["error"]["code"] == "not_a_model"
-    assert "not a torch.export program, TorchScript archive or zipped Hugging Face model" in model["error"]["message"]
+    assert (
+        "not a torch.export program, TorchScript archive or zipped Hugging Face model"
+        in model["error"]["message"]
+    )
 
     no_shapes = stack.wait(f"/v1/models/{_upload(stack, torchscript_file)['id']}", {"ready", "invalid"})
     assert no_shapes["status"] == "invalid"
@@ -169,7 +172,8 @@ def test_cancel_stops_a_running_job(stack: Stack, pt2_file: Path) -> None:
     model_id = _upload(stack, pt2_file)["id"]
     stack.wait(f"/v1/models/{model_id}", {"ready"})
     job_id = stack.client.post(
-        "/v1/jobs", json={"model_id": model_id, "mode": "dynamic", "benchmark": SLOW_BENCHMARK}
+        "/v1/jobs",
+        json={"model_id": model_id, "mode": "dynamic", "backend": "fbgemm", "benchmark": SLOW_BENCHMARK},
     ).json()["id"]
     running = stack.wait(f"/v1/jobs/{job_id}", {"running"}, timeout_s=60)
     assert running["attempts"] == 1
@@ -187,7 +191,13 @@ def test_time_limit_fails_the_job_with_its_code(stack: Stack, pt2_file: Path) ->
     stack.wait(f"/v1/models/{model_id}", {"ready"})
     job_id = stack.client.post(
         "/v1/jobs",
-        json={"model_id": model_id, "mode": "dynamic", "benchmark": SLOW_BENCHMARK, "timeout_s": 10},
+        json={
+            "model_id": model_id,
+            "mode": "dynamic",
+            "backend": "fbgemm",
+            "benchmark": SLOW_BENCHMARK,
+            "timeout_s": 10,
+        },
     ).json()["id"]
     job = stack.wait(f"/v1/jobs/{job_id}", {"cancelled", "succeeded", "failed"}, timeout_s=60)
     assert job["status"] == "failed", job
@@ -197,6 +207,11 @@ def test_time_limit_fails_the_job_with_its_code(stack: Stack, pt2_file: Path) ->
     # The worker survived: the next job still runs.
     again = stack.client.post(
         "/v1/jobs",
-        json={"model_id": model_id, "mode": "dynamic", "benchmark": {"batch_sizes": [1], "iterations": 3}},
+        json={
+            "model_id": model_id,
+            "mode": "dynamic",
+            "backend": "fbgemm",
+            "benchmark": {"batch_sizes": [1], "iterations": 3},
+        },
     )
     assert stack.wait(f"/v1/jobs/{again.json()['id']}", {"succeeded", "failed"})["status"] == "succeeded"

@@ -39,8 +39,10 @@ def dataset_out(row: Dataset) -> DatasetOut:
     ),
 )
 async def upload_dataset(request: Request, settings: SettingsDep, storage: StorageDep) -> DatasetOut:
-    """Upload calibration, training or evaluation data: `.npz` or `.safetensors` with arrays named after the
-    model's inputs (a single input may be `x`) and optional `labels`. Inspected by a worker: poll until ready."""
+    """Upload calibration, training or evaluation data: `.npz` or `.safetensors` arrays named after the model's
+    inputs (a single input may be `x`) with optional `labels`; an image-folder zip (`<class>/<image>`, with
+    `preprocess`); or JSONL text (`{"text": …, "label": …}`) for Hugging Face models. A worker inspects it:
+    poll until ready."""
     return await handle_upload(
         request,
         settings,

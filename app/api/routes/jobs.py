@@ -8,11 +8,11 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep, require_broker
 from app.api.routes.common import CursorQuery, LimitQuery, check_range
-from app.core.errors import NotFound
 from app.models import Job
 from app.schemas.common import Page, error_responses
 from app.schemas.jobs import ArtifactOut, BackendOut, JobCreate, JobOut, JobStatus, Progress
 from app.services import jobs as service
+from app.services import reports
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses())
 
@@ -49,6 +49,7 @@ def job_out(job: Job, artifacts: list[Any]) -> JobOut:
         runner=job.runner,
         manifest=job.manifest,
         report_url=f"/v1/jobs/{job.id}/report" if job.metrics is not None else None,
+        report_html_url=f"/v1/jobs/{job.id}/report.html" if job.metrics is not None else None,
     )
 
 
@@ -120,11 +121,8 @@ def cancel_job(job_id: str, session: SessionDep) -> JobOut:
 )
 def get_report(job_id: str, session: SessionDep) -> dict[str, Any]:
     """Metrics, configuration and manifest of a finished job."""
-    job = service.get_job(session, job_id)
-    if job.metrics is None:
-        raise NotFound(
-            f"job {job_id} has no report yet (status {job.status}): poll the job", code="report_not_found"
-        )
+    job = reports.get_reported_job(session, job_id)
+    assert job.metrics is not None
     return {
         "job_id": job.id,
         "mode": job.mode,

@@ -47,8 +47,9 @@ def model_out(row: Model) -> ModelOut:
     ),
 )
 async def upload_model(request: Request, settings: SettingsDep, storage: StorageDep) -> ModelOut:
-    """Upload a torch.export program (.pt2) or a TorchScript archive. It is inspected by a worker: poll until
-    `status` is `ready` (or `invalid`, with `error` saying why)."""
+    """Upload a torch.export program (.pt2), a TorchScript archive (with `input_shapes`) or a zipped Hugging
+    Face model folder (config.json + safetensors). A worker inspects it: poll until `status` is `ready` (or
+    `invalid`, with `error` saying why)."""
     return await handle_upload(
         request, settings, storage, fields={"name", "input_shapes"}, create=service.create_model, out=ModelOut
     )
