@@ -46,8 +46,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _apply_data_dir(args.data_dir)
     from app.core.config import get_settings
     from app.core.queue import QUEUE
+    from workers import tasks
     from workers.celery_app import celery
+    from workers.sandbox import harden_worker_process
 
+    # Before any runner starts: a same-uid child must not read this process's memory or environment.
+    tasks.WORKER_PROTECTIONS[:] = harden_worker_process()
     settings = get_settings()
     concurrency = args.concurrency or settings.worker_concurrency
     # Threads are enough: each job's work happens in its own runner process.

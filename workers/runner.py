@@ -125,7 +125,8 @@ def _config_from_spec(spec: dict[str, Any]) -> Any:
             ),
         }
         if mode == "dynamic":
-            return DynamicConfig(quantize_embeddings=_given(options, "quantize_embeddings", False), **common)
+            # None: on for Hugging Face models (word embeddings only), off for the others.
+            return DynamicConfig(quantize_embeddings=options.get("quantize_embeddings"), **common)
         common |= {
             "weight_granularity": _given(options, "weight_granularity", "per_channel"),
             "activation_observer": _given(options, "activation_observer", "histogram"),

@@ -1,5 +1,6 @@
-"""Start the runner child process, relay its JSON-lines progress, enforce the wall-clock limit, stop it on
-request. The runner is where untrusted models are loaded; this side never loads one."""
+"""Start the runner child process in its sandbox (workers.sandbox), relay its JSON-lines progress, enforce the
+wall-clock limit, stop it on request, and name the limit that killed it. The runner is where untrusted models
+are loaded; this side never loads one."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import workers
+from workers.sandbox import RunnerLimits, spawn
 
 log = logging.getLogger("qaas.worker")
 
@@ -34,6 +36,9 @@ class RunnerOutcome:
     error_code: str | None = None
     error_message: str | None = None
     stopped: bool = False
+    # The protections the runner actually got (workers.sandbox.PROTECTIONS names), and why others are missing.
+    sandbox: list[str] = field(default_factory=list)
+    sandbox_gaps: dict[str, str] = field(default_factory=dict)
 
 
 def runner_env(threads: int, home: Path) -> dict[str, str]:
@@ -58,12 +63,39 @@ def _read_lines(stream: Any, sink: queue_mod.Queue[str | None]) -> None:
     sink.put(None)
 
 
-def _stderr_tail(path: Path, limit: int = 1500) -> str:
+def _stderr_tail(stream: IO[bytes], limit: int = 1500) -> str:
     try:
-        data = path.read_bytes()[-limit:]
+        fd = stream.fileno()
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, limit, max(0, size - limit))
     except OSError:
         return ""
     return data.decode("utf-8", "replace").strip()
+
+
+def _runner_paths(args: list[str], work_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(inputs, output folders) named on a runner command line: --file, --spec and the files its spec names
+    (read-only), --out (writable). Relative paths are the runner's: relative to its work dir."""
+    reads: list[Path] = []
+    writes: list[Path] = []
+    for flag, value in zip(args, args[1:], strict=False):
+        path = work_dir / value
+        if flag == "--out":
+            writes.append(path)
+        elif flag == "--file":
+            reads.append(path)
+        elif flag == "--spec":
+            reads.append(path)
+            try:
+                spec = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(spec, dict):
+                reads += [work_dir / spec[key] for key in _SPEC_INPUTS if isinstance(spec.get(key), str)]
+    return reads, writes
+
+
+_SPEC_INPUTS = ("model", "calibration", "train", "eval")
 
 
 def run_runner(
@@ -74,27 +106,82 @@ def run_runner(
     threads: int = 1,
     relay: ProgressRelay | None = None,
     heartbeat_s: float = 5.0,
+    limits: RunnerLimits | None = None,
 ) -> RunnerOutcome:
-    """Run `python -m workers.runner ARGS` in `work_dir` and wait for its result, relaying progress."""
+    """Run `python -m workers.runner ARGS` in `work_dir`, sandboxed with `limits` (RunnerLimits() when None),
+    and wait for its result, relaying progress. It may write only in `work_dir` and the --out folder, and read
+    only the system, Python, the `workers` package and the inputs its command line names.
+
+    Call it from the thread that lives as long as the worker (the runner gets SIGKILL when that thread ends)."""
+    work_dir = work_dir.resolve()
+    reads, writes = _runner_paths(args, work_dir)
+    return supervise(
+        [sys.executable, "-m", "workers.runner", *args],
+        work_dir=work_dir,
+        timeout_s=timeout_s,
+        threads=threads,
+        relay=relay,
+        heartbeat_s=heartbeat_s,
+        limits=limits,
+        read_paths=reads,
+        write_dirs=writes,
+    )
+
+
+def supervise(
+    argv: list[str],
+    *,
+    work_dir: Path,
+    timeout_s: float,
+    threads: int = 1,
+    relay: ProgressRelay | None = None,
+    heartbeat_s: float = 5.0,
+    limits: RunnerLimits | None = None,
+    read_paths: Sequence[Path] = (),
+    write_dirs: Sequence[Path] = (),
+) -> RunnerOutcome:
+    """Run any program that speaks the runner's JSON-lines protocol the way run_runner runs the runner:
+    sandboxed, with the runner's environment, the wall-clock limit, progress relayed, limits named."""
+    limits = limits or RunnerLimits()
+    work_dir = work_dir.resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
-    stderr_path = work_dir / "runner.stderr"
-    with open(stderr_path, "wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.runner", *args],
-            cwd=work_dir,
+    # Read back through this descriptor, never by name: the runner can replace the name with a link to a
+    # file it cannot read itself (the SQLite database) and have the worker copy it into the error message.
+    with open(work_dir / "runner.stderr", "w+b") as stderr:
+        proc, plan = spawn(
+            argv,
+            work_dir=work_dir,
             env=runner_env(threads, work_dir),
-            stdin=subprocess.DEVNULL,
+            write_dirs=write_dirs,
+            read_paths=read_paths,
+            limits=limits,
             stdout=subprocess.PIPE,
             stderr=stderr,
-            text=True,
-            start_new_session=True,
         )
+        return _follow(proc, stderr, timeout_s, relay, heartbeat_s, limits, dict(plan.gaps))
+
+
+def _follow(
+    proc: subprocess.Popen[str],
+    stderr: IO[bytes],
+    timeout_s: float,
+    relay: ProgressRelay | None,
+    heartbeat_s: float,
+    limits: RunnerLimits,
+    gaps: dict[str, str],
+) -> RunnerOutcome:
     lines: queue_mod.Queue[str | None] = queue_mod.Queue()
     reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
     reader.start()
-    outcome = RunnerOutcome()
+    outcome = RunnerOutcome(sandbox_gaps=gaps)
     deadline = time.monotonic() + timeout_s
     last_beat = time.monotonic()
+    cpu_s: float | None = None
+    first = True
+
+    def ended(**changes: Any) -> RunnerOutcome:
+        return RunnerOutcome(sandbox=outcome.sandbox, sandbox_gaps=outcome.sandbox_gaps, **changes)
+
     try:
         while True:
             wait = max(0.05, min(heartbeat_s, deadline - time.monotonic()))
@@ -106,14 +193,14 @@ def run_runner(
                 break
             if time.monotonic() >= deadline:
                 _kill(proc)
-                return RunnerOutcome(
-                    error_code="time_limit",
-                    error_message=f"the job ran past its time limit of {timeout_s:.0f} s and was stopped: "
-                    "raise timeout_s in the job request or use a smaller model or dataset",
-                )
+                return ended(error_code="time_limit", error_message=_wall_clock_message(timeout_s))
             event = _parse(line) if line else None
             stop = False
-            if event and event.get("event") == "progress":
+            if event and first and event.get("event") == "sandbox":
+                # Only the trampoline's line, the first one: the runner itself could claim anything.
+                outcome.sandbox = [str(name) for name in event.get("in_force") or []]
+                outcome.sandbox_gaps = {str(k): str(v) for k, v in (event.get("gaps") or {}).items()}
+            elif event and event.get("event") == "progress":
                 stop = (
                     relay(event.get("stage"), event.get("percent"), event.get("message")) if relay else False
                 )
@@ -123,33 +210,100 @@ def run_runner(
             elif event and event.get("event") == "error":
                 outcome.error_code = str(event.get("code") or "internal_error")
                 outcome.error_message = str(event.get("message") or "")
+            first = first and not line
             if relay and not stop and time.monotonic() - last_beat >= heartbeat_s:
                 stop = relay(None, None, None)
                 last_beat = time.monotonic()
             if stop:
                 _kill(proc)
-                return RunnerOutcome(stopped=True)
-        proc.wait()
+                return ended(stopped=True)
+        cpu_s = _wait(proc, deadline)
+        if proc.returncode is None:
+            _kill(proc)
+            return ended(error_code="time_limit", error_message=_wall_clock_message(timeout_s))
     finally:
         if proc.poll() is None:
             _kill(proc)
         reader.join(timeout=5)
     if outcome.result is not None and proc.returncode == 0:
         return outcome
+    tail = _stderr_tail(stderr)
+    # A fatal error's thread dump can push the MemoryError line far up: look for the signs in more than the tail.
+    limit = _limit_hit(outcome, proc.returncode, cpu_s, _stderr_tail(stderr, 256 * 1024), limits)
+    if limit is not None:
+        return ended(error_code=limit[0], error_message=limit[1])
     if outcome.error_code is not None:
         return outcome
     if proc.returncode is not None and proc.returncode < 0:
         name = signal.Signals(-proc.returncode).name
-        return RunnerOutcome(
+        return ended(
             error_code="runner_crashed",
-            error_message=f"the runner was killed by {name} while working on the model: "
-            f"{_stderr_tail(stderr_path) or 'no output'}",
+            error_message=f"the runner was killed by {name} while working on the model: {tail or 'no output'}",
         )
-    return RunnerOutcome(
+    return ended(
         error_code="runner_crashed",
-        error_message=f"the runner exited with status {proc.returncode} without a result: "
-        f"{_stderr_tail(stderr_path) or 'no output'}",
+        error_message=f"the runner exited with status {proc.returncode} without a result: {tail or 'no output'}",
     )
+
+
+def _wall_clock_message(timeout_s: float) -> str:
+    return (
+        f"the job ran past its time limit of {timeout_s:.0f} s and was stopped: "
+        "raise timeout_s in the job request or use a smaller model or dataset"
+    )
+
+
+_MEMORY_SIGNS = (
+    "MemoryError",
+    "bad_alloc",
+    "Cannot allocate memory",
+    "can't allocate memory",
+    "failed to map segment from shared object",
+    "mmap failed",
+)
+
+
+def _limit_hit(
+    outcome: RunnerOutcome, returncode: int | None, cpu_s: float | None, stderr: str, limits: RunnerLimits
+) -> tuple[str, str] | None:
+    """(code, message) when the runner failed because it hit one of its limits."""
+    said = f"{outcome.error_message or ''}\n{stderr}"
+    if limits.cpu_seconds and (
+        returncode == -signal.SIGXCPU
+        or (returncode == -signal.SIGKILL and cpu_s is not None and cpu_s >= limits.cpu_seconds)
+    ):
+        return "time_limit", (
+            f"the runner used up its CPU-time limit of {limits.cpu_seconds} s (QAAS_RUNNER_CPU_SECONDS) and "
+            "was stopped: use a smaller model or dataset, fewer calibration batches or benchmark iterations"
+        )
+    if limits.memory_mb and any(sign in said for sign in _MEMORY_SIGNS):
+        return "memory_limit", (
+            f"the runner ran out of its memory limit of {limits.memory_mb} MB of address space "
+            "(QAAS_RUNNER_MEMORY_MB): use a smaller model, batch size or dataset, or ask for a larger limit"
+        )
+    if limits.file_size_mb and (returncode == -signal.SIGXFSZ or "File too large" in said):
+        return "file_size_limit", (
+            f"the runner tried to write a file larger than its limit of {limits.file_size_mb} MB "
+            "(QAAS_RUNNER_FILE_SIZE_MB)"
+        )
+    return None
+
+
+def _wait(proc: subprocess.Popen[str], deadline: float) -> float | None:
+    """Reap the runner (by the wall-clock deadline) and return the CPU seconds it and its reaped children
+    used; the runner is left running (returncode None) when the deadline passes first."""
+    while True:
+        try:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            proc.wait()
+            return None
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_utime + usage.ru_stime
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
 
 
 def _parse(line: str) -> dict[str, Any] | None:

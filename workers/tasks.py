@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import uuid
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,9 +20,12 @@ from app.models import Dataset, Job, Model
 from app.services import datasets as dataset_service
 from app.services import jobs as job_service
 from app.services import models as model_service
+from workers.sandbox import RunnerLimits
 from workers.supervise import RunnerOutcome, run_runner
 
 log = logging.getLogger("qaas.worker")
+# What `qaas worker` did to its own process before Celery started (see workers.sandbox).
+WORKER_PROTECTIONS: list[str] = []
 celery = queue.get_celery()
 
 Stored = TypeVar("Stored", Model, Dataset)
@@ -53,7 +57,10 @@ def _inspect(cls: type[Stored], object_id: str, command: str) -> None:
     work = settings.work_dir / f"inspect-{object_id}-{uuid.uuid4().hex[:8]}"
     try:
         outcome = run_runner(
-            [*args, "--out", str(work / "out")], work_dir=work, timeout_s=settings.inspect_timeout_s
+            [*args, "--out", str(work / "out")],
+            work_dir=work,
+            timeout_s=settings.inspect_timeout_s,
+            limits=RunnerLimits.from_settings(settings),
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -129,6 +136,10 @@ def run_job(job_id: str) -> None:
                     session, job_id, worker_id, lease_s, stage, percent, message
                 )
 
+        limits = RunnerLimits.from_settings(settings)
+        if limits.cpu_seconds is not None:
+            # CPU time counts every thread: a multi-threaded job must meet its wall clock first.
+            limits = replace(limits, cpu_seconds=max(limits.cpu_seconds, int(threads * timeout_s) + 60))
         outcome = run_runner(
             ["quantize", "--spec", str(work / "spec.json"), "--out", str(work / "out")],
             work_dir=work,
@@ -136,6 +147,7 @@ def run_job(job_id: str) -> None:
             threads=threads,
             relay=relay,
             heartbeat_s=settings.heartbeat_s,
+            limits=limits,
         )
         if outcome.stopped:
             with session_scope() as session:
@@ -159,8 +171,9 @@ def run_job(job_id: str) -> None:
                 load_snippet=outcome.result["load_snippet"],
                 manifest=outcome.result["manifest"],
                 runner={
-                    "sandbox": [],
-                    "note": "child process per job; sandboxing comes with the runner issue",
+                    "sandbox": [*outcome.sandbox, *WORKER_PROTECTIONS],
+                    "gaps": outcome.sandbox_gaps,
+                    "limits": asdict(limits),
                 },
             )
         if not committed:

@@ -35,6 +35,27 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0, le=300)
     readiness_timeout_s: float = Field(2.0, gt=0, le=30)
 
+    # The runner: the sandboxed child process that loads an uploaded model (0 switches a limit off).
+    runner_memory_mb: int = Field(8192, ge=0, description="Address space; import torch alone needs ~640 MB.")
+    runner_cpu_seconds: int = Field(14400, ge=0, description="CPU time, all threads together.")
+    runner_max_processes: int = Field(1024, ge=0, description="Processes and threads of the runner's user.")
+    runner_file_size_mb: int = Field(8192, ge=0, description="Largest file the runner may write.")
+    runner_user: str = Field(
+        "nobody", description="Unprivileged user for the runner when the worker is root."
+    )
+    runner_network: bool = Field(False, description="Let the runner reach the network (off: new namespace).")
+    runner_landlock: bool = Field(True, description="Confine the runner's writes (and reads) with Landlock.")
+    runner_confine_reads: bool = Field(True, description="Landlock also limits what the runner may read.")
+
+    @field_validator("runner_memory_mb")
+    @classmethod
+    def _memory_floor(cls, value: int) -> int:
+        if 0 < value < 1024:
+            raise ValueError(
+                "QAAS_RUNNER_MEMORY_MB below 1024 cannot run torch: use 1024 or more (0: no limit)"
+            )
+        return value
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:

@@ -14,7 +14,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core import queue
-from app.core.capabilities import unsupported_reason
 from app.core.config import Settings
 from app.core.db import after_commit
 from app.core.errors import Conflict, InvalidRequest, NotFound, not_found
@@ -25,7 +24,8 @@ from app.schemas.jobs import JobCreate
 from app.services.datasets import get_dataset
 from app.services.models import get_model
 from app.services.pagination import paginate
-from app.services.shapes import shape_mismatch
+from qaas.shapes import check_shapes_match
+from qaas.support import refusal
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -81,7 +81,13 @@ def create_job(
         )
     assert model.format is not None and model.inspection is not None
 
-    reason = unsupported_reason(model.format, request.mode, request.backend)
+    reason = refusal(
+        model.format,
+        request.mode,
+        request.backend,
+        weight_granularity=request.options.weight_granularity if request.mode != "dynamic" else None,
+        quantize_embeddings=request.options.quantize_embeddings if request.mode == "dynamic" else None,
+    )
     if reason:
         raise InvalidRequest(reason, code="unsupported_combination")
     if request.mode == "static" and request.calibration_dataset_id is None:
@@ -111,7 +117,7 @@ def create_job(
                     code="dataset_mismatch",
                 )
         else:
-            mismatch = shape_mismatch(role, model.inspection["inputs"], dataset.tensors or {})
+            mismatch = check_shapes_match(model.inspection["inputs"], dataset.tensors or {}, role=role)
             if mismatch:
                 raise InvalidRequest(mismatch, code="dataset_mismatch")
         if role == "train" and not dataset.has_labels:

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from app.core.db import session_scope
 from app.core.storage import get_storage
 from app.services import jobs as job_service
-from tests.api.conftest import make_ready_dataset, make_ready_model, upload
+from tests.api.conftest import MLP_INSPECTION, make_ready_dataset, make_ready_model, upload
 
 
 def submit(client: TestClient, **body):
@@ -67,10 +67,17 @@ def test_malformed_bodies_are_422_with_the_error_schema(client: TestClient) -> N
 
 def test_unsupported_combination_and_missing_data(client: TestClient) -> None:
     model_id = make_ready_model(client)
-    x86 = submit(client, model_id=model_id, backend="x86")
-    assert x86.status_code == 422 and x86.json()["error"] == "unsupported_combination"
+    ts_model = make_ready_model(client, MLP_INSPECTION | {"format": "torchscript"})
+    qat = submit(client, model_id=ts_model, mode="qat", train_dataset_id="ds_x")
+    assert qat.status_code == 422 and qat.json()["error"] == "unsupported_combination"
+    assert "QAT needs a .pt2" in qat.json()["detail"]
+    per_tensor = submit(
+        client, model_id=model_id, mode="static", backend="x86", options={"weight_granularity": "per_tensor"}
+    )
+    assert per_tensor.status_code == 422 and per_tensor.json()["error"] == "unsupported_combination"
+    assert "per_channel" in per_tensor.json()["detail"]
     static = submit(client, model_id=model_id, mode="static")
-    assert static.status_code == 422
+    assert static.status_code == 422 and static.json()["error"] == "dataset_required"
 
 
 def test_dataset_shapes_are_checked_against_the_model(client: TestClient) -> None:
@@ -85,7 +92,10 @@ def test_dataset_shapes_are_checked_against_the_model(client: TestClient) -> Non
         "error": "dataset_mismatch",
         "detail": "eval tensor 'x' has shape [64, 3, 4], the model expects [N, 16]",
     }
-    assert "no array named 'x'" in submit(client, model_id=model_id, eval_dataset_id=missing).json()["detail"]
+    assert (
+        "no tensor for model input 'x'"
+        in submit(client, model_id=model_id, eval_dataset_id=missing).json()["detail"]
+    )
     not_ready = upload(client, "/v1/datasets", b"abc").json()["id"]
     response = submit(client, model_id=model_id, eval_dataset_id=not_ready)
     assert response.status_code == 409 and response.json()["error"] == "dataset_not_ready"

@@ -51,7 +51,8 @@ def test_docs_are_served_without_a_cdn(client: TestClient) -> None:
 
 def test_capabilities(client: TestClient) -> None:
     body = client.get("/v1/capabilities").json()
-    assert body["support"]["pt2"]["dynamic"] == ["auto", "fbgemm"]
+    assert body["support"]["pt2"]["static"] == ["fbgemm", "x86", "auto"]
+    assert "qat" not in body["support"]["torchscript"]
 
 
 def test_database_down_is_503_not_500(tmp_path, monkeypatch) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.engine.conftest_inductor import inductor_cache  # noqa: F401  (autouse: one Inductor cache)
 from workers.engine.config import BenchmarkConfig, DynamicConfig
 
 WIDTH = 256  # big enough that the int8 weights dominate the file and the size ratio passes 3

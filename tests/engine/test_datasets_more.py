@@ -207,7 +207,7 @@ def test_jsonl_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.engine.test_hf import build_hf_folder
+    from tests.engine.conftest_hf import build_hf_folder
 
     return build_hf_folder(tmp_path_factory.mktemp("tok") / "bert")
 

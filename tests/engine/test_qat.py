@@ -91,9 +91,9 @@ def test_cross_entropy_needs_class_indices(mlp_pt2: Path, tmp_path: Path) -> Non
 def test_torchscript_has_no_qat(cnn_ts: Path, tmp_path: Path) -> None:
     with pytest.raises(EngineError) as info:
         quantize(cnn_ts, config(), out_dir=tmp_path, input_shapes={"x": [None, 3, IMAGE, IMAGE]})
-    assert (info.value.code, info.value.message) == (
-        "unsupported_combination",
-        "QAT needs a .pt2 (torch.export) upload: TorchScript graph mode has no QAT",
+    assert info.value.code == "unsupported_combination"
+    assert info.value.message.startswith(
+        "QAT needs a .pt2 (torch.export) upload: TorchScript graph mode has no QAT"
     )
 
 

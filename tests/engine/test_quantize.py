@@ -175,19 +175,6 @@ def test_conv_only_model_quantizes_nothing(conv_pt2: Path, tmp_path: Path) -> No
     assert not (tmp_path / "model.int8.ts").exists()
 
 
-def test_x86_is_not_served_yet_and_auto_says_what_it_chose(mlp_pt2: Path, tmp_path: Path) -> None:
-    with pytest.raises(EngineError) as info:
-        quantize(mlp_pt2, DynamicConfig(backend="x86"), out_dir=tmp_path)
-    assert (info.value.code, info.value.message) == (
-        "unsupported_combination",
-        "backend x86 comes with the full engine; use fbgemm or auto",
-    )
-    result = quantize(mlp_pt2, DynamicConfig(backend="auto", benchmark=FAST_BENCHMARK), out_dir=tmp_path)
-    assert result.backend == "fbgemm"
-    assert result.manifest["backend"] == "fbgemm"
-    assert any("auto" in w for w in result.metrics["warnings"])
-
-
 def test_verification_uses_evaluation_data(mlp_pt2: Path, tmp_path: Path) -> None:
     data = tmp_path / "eval.npz"
     np.savez(data, x=np.random.default_rng(0).standard_normal((20, WIDTH)).astype(np.float64))

@@ -207,15 +207,6 @@ def test_decomposed_program(cnn: SmallCNN, cnn_calib: Path, tmp_path: Path) -> N
     assert load_int8(result)(torch.randn(5, 3, IMAGE, IMAGE)).shape == (5, 10)
 
 
-def test_backends(cnn_pt2: Path, cnn_calib: Path, tmp_path: Path) -> None:
-    with pytest.raises(EngineError) as info:
-        quantize(cnn_pt2, config(backend="x86"), out_dir=tmp_path, calibration=cnn_calib)
-    assert info.value.code == "unsupported_combination"
-    result = quantize(cnn_pt2, config(backend="auto"), out_dir=tmp_path, calibration=cnn_calib)
-    assert result.backend == "fbgemm"
-    assert any("auto chose fbgemm" in w for w in result.metrics["warnings"])
-
-
 def test_digits_keep_their_accuracy(digits: Digits, tmp_path: Path) -> None:
     assert digits.accuracy >= 90
     result = quantize(digits.pt2, config(), out_dir=tmp_path, calibration=digits.train, eval_data=digits.test)

@@ -3,7 +3,8 @@
     from workers.engine import DynamicConfig, quantize
     result = quantize("model.pt2", DynamicConfig(), out_dir="out")
 
-Names are imported lazily, so that `workers.engine.shapes` and `workers.engine.errors` load without torch.
+Names are imported lazily, so that `workers.engine.errors` loads without torch. The support matrix and the
+dataset shape rule live in `qaas.support` and `qaas.shapes`: pure modules the API shares with the engine.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ _EXPORTS = {
     "load_dataset": "workers.engine.data",
     "check_dataset_matches": "workers.engine.data",
     "DatasetInfo": "workers.engine.data",
-    "check_shapes_match": "workers.engine.shapes",
+    "check_shapes_match": "qaas.shapes",
+    "SUPPORT": "qaas.support",
+    "refusal": "qaas.support",
 }
 
 __all__ = sorted(_EXPORTS)

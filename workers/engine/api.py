@@ -41,12 +41,20 @@ def quantize(
 ) -> QuantResult:
     """Quantize a model to int8, verify the artifact reloaded from disk, and measure it.
 
+    What is served for each model format, mode and backend is `support.SUPPORT`; anything else is refused
+    with unsupported_combination before any work. Backend "auto" quantizes with every candidate backend,
+    verifies and times each on this CPU, keeps one (metrics["backends"], metrics["backend_choice"]) and
+    returns it as result.backend.
+
     Args:
-        model_path: a torch.export program (`.pt2`) or TorchScript archive; the format is read from content.
-        config: what to do, e.g. DynamicConfig(); its type picks the handler.
-        out_dir: where the artifacts go (model.int8.ts, report.json, manifest.json).
+        model_path: a torch.export program (`.pt2`), a TorchScript archive or a zipped Hugging Face model; the
+            format is read from content.
+        config: what to do, e.g. DynamicConfig(); its type picks the handler, its backend the backend(s).
+        out_dir: where the artifact goes: model.int8.ts (TorchScript, fbgemm or x86 engine) or
+            model.int8.aoti.pt2 (AOTInductor package, x86 on a `.pt2`); nothing else is left there.
         input_shapes: TorchScript only: {name: [dims]} with None for dynamic dims, e.g. {"x": [None, 16]}.
-        calibration: a dataset file (.npz or .safetensors); dynamic mode verifies on it when eval_data is None.
+        calibration: a dataset file (.npz, .safetensors, image-folder zip, or JSONL text for Hugging Face
+            models); dynamic mode verifies on it when eval_data is None.
         eval_data: a dataset file to verify on.
         train: a labelled dataset file (QAT only).
         progress: called with (stage, percent, message).

@@ -12,7 +12,7 @@ import torch
 
 from workers.engine.config import BenchmarkConfig
 
-__all__ = ["benchmark", "environment"]
+__all__ = ["benchmark", "compare", "environment", "time_runs"]
 
 WARMUP_RUNS = 3
 ISA_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -65,6 +65,34 @@ def _speedup(baseline: dict[str, float], int8: dict[str, float]) -> float:
     return round(baseline["p50"] / int8["p50"], 3) if int8["p50"] > 0 else 0.0
 
 
+def time_runs(
+    runners: dict[str, Callable[[Any], Any]], inputs: Any, iterations: int
+) -> dict[str, dict[str, float]]:
+    """{name: {"p50", "p95"}} in ms: each runner on the same inputs, interleaved run by run after a warm-up,
+    so that host noise hits them alike. The caller sets the threads and no_grad."""
+    for _ in range(WARMUP_RUNS):
+        for run in runners.values():
+            run(inputs)
+    samples: dict[str, list[float]] = {key: [] for key in runners}
+    for _ in range(iterations):
+        for key, run in runners.items():
+            samples[key].append(_timed(run, inputs))
+    return {key: _percentiles(values) for key, values in samples.items()}
+
+
+def compare(
+    runners: dict[str, Callable[[Any], Any]], inputs: Any, config: BenchmarkConfig
+) -> dict[str, dict[str, float]]:
+    """time_runs with the config's threads and iterations, under no_grad (auto's candidates, side by side)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        with torch.no_grad():
+            return time_runs(runners, inputs, config.iterations)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def benchmark(
     fp32: Callable[[Any], Any],
     int8: Callable[[Any], Any],
@@ -81,42 +109,28 @@ def benchmark(
         make_inputs: builds an input batch of a given size.
         config: threads and iterations.
         batch_sizes: the batch sizes to time (the model's fixed batch replaces the asked ones upstream).
-        fp32_same_build: runs the float model compiled the way the int8 one is (TorchScript), so that the
-            speedup from int8 alone can be told from the speedup of the build.
+        fp32_same_build: runs the float model compiled the way the int8 one is (TorchScript or AOTInductor),
+            so that the speedup from int8 alone can be told from the speedup of the build.
 
     Returns:
         [{batch_size, threads, fp32_ms {p50, p95}, int8_ms {p50, p95}, speedup}], speedup = fp32 p50 / int8 p50;
         with fp32_same_build, also fp32_same_build_ms and speedup_same_build.
     """
     runners = {"fp32": fp32, "int8": int8} | ({"same": fp32_same_build} if fp32_same_build else {})
-    previous = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
     rows = []
-    try:
-        with torch.no_grad():
-            for batch_size in batch_sizes:
-                inputs = make_inputs(batch_size)
-                for _ in range(WARMUP_RUNS):
-                    for run in runners.values():
-                        run(inputs)
-                samples: dict[str, list[float]] = {key: [] for key in runners}
-                for _ in range(config.iterations):
-                    for key, run in runners.items():
-                        samples[key].append(_timed(run, inputs))
-                ms = {key: _percentiles(values) for key, values in samples.items()}
-                row = {
-                    "batch_size": batch_size,
-                    "threads": config.threads,
-                    "fp32_ms": ms["fp32"],
-                    "int8_ms": ms["int8"],
-                    "speedup": _speedup(ms["fp32"], ms["int8"]),
-                }
-                if "same" in ms:
-                    row |= {
-                        "fp32_same_build_ms": ms["same"],
-                        "speedup_same_build": _speedup(ms["same"], ms["int8"]),
-                    }
-                rows.append(row)
-    finally:
-        torch.set_num_threads(previous)
+    for batch_size in batch_sizes:
+        ms = compare(runners, make_inputs(batch_size), config)
+        row = {
+            "batch_size": batch_size,
+            "threads": config.threads,
+            "fp32_ms": ms["fp32"],
+            "int8_ms": ms["int8"],
+            "speedup": _speedup(ms["fp32"], ms["int8"]),
+        }
+        if "same" in ms:
+            row |= {
+                "fp32_same_build_ms": ms["same"],
+                "speedup_same_build": _speedup(ms["same"], ms["int8"]),
+            }
+        rows.append(row)
     return rows

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["BACKENDS", "BenchmarkConfig", "DynamicConfig", "QATConfig", "StaticConfig"]
 
-# "x86" is a valid request that this slice cannot serve yet: quantize() answers unsupported_combination for
-# it, so that the config stays the same when the full engine arrives.
+# What each backend serves for each model format and mode is in support.py.
 BACKENDS = ("fbgemm", "x86", "auto")
 MAX_BATCH_SIZE = 256
 MAX_THREADS = 64
@@ -60,8 +59,10 @@ class DynamicConfig:
     Needs no calibration data; evaluation or calibration data, when given, is used for verification.
 
     Args:
-        backend: "fbgemm", "auto" (resolves to fbgemm in this release) or "x86" (comes with the full engine).
-        quantize_embeddings: also store nn.Embedding weights in 8 bits (exported `.pt2` models only).
+        backend: "fbgemm", "x86" or "auto" (measure the candidates on this CPU, keep the faster).
+        quantize_embeddings: also store embedding weights in 8 bits; None (the default) means on for
+            Hugging Face models (their word embeddings) and off otherwise; True needs a `.pt2` on fbgemm or
+            a Hugging Face model.
         exclude: layer names ("encoder.0.linear") or type names ("LSTM") kept in float.
         seed: seeds the random inputs used when no data is given.
         benchmark: how to time the result.
@@ -71,7 +72,7 @@ class DynamicConfig:
     """
 
     backend: str = "fbgemm"
-    quantize_embeddings: bool = False
+    quantize_embeddings: bool | None = None
     exclude: tuple[str, ...] = ()
     seed: int = 0
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
@@ -80,8 +81,10 @@ class DynamicConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} is unknown: use one of {', '.join(BACKENDS)}")
-        if not isinstance(self.quantize_embeddings, bool):
-            raise ValueError("quantize_embeddings must be true or false")
+        if self.quantize_embeddings is not None and not isinstance(self.quantize_embeddings, bool):
+            raise ValueError(
+                "quantize_embeddings must be true or false (or null: on for Hugging Face models, off otherwise)"
+            )
         for name in self.exclude:
             if not isinstance(name, str) or not name.strip():
                 raise ValueError(

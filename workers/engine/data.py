@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from qaas.shapes import LABELS, check_shapes_match
 from workers.engine.archive import check_zip, open_zip
 from workers.engine.errors import EngineError
 from workers.engine.images import image_size as preprocessed_size
 from workers.engine.images import list_image_folder, load_images, parse_preprocess
-from workers.engine.shapes import LABELS, check_shapes_match
 
 if TYPE_CHECKING:  # io imports torch; datasets are read without it
     from workers.engine.io import ModelInfo

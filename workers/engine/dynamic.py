@@ -1,8 +1,10 @@
-"""Dynamic int8 quantization on fbgemm: int8 weights, activations quantized on the fly.
+"""Dynamic int8 quantization: int8 weights, activations quantized on the fly.
 
-`.pt2` programs are rebuilt into modules (see rebuild.py), quantized with `quantize_dynamic` and compiled to
-TorchScript; TorchScript inputs go through graph mode (`quantize_dynamic_jit`, Linear only). Either way the
-artifact is `model.int8.ts`, verified after a reload from disk and benchmarked against the float model.
+fbgemm on a `.pt2`: the program is rebuilt into modules (see rebuild.py), quantized with `quantize_dynamic`
+and compiled to TorchScript. x86 on a `.pt2`: torchao pt2e (Linear layers) compiled by AOTInductor.
+TorchScript uploads go through graph mode (`quantize_dynamic_jit`, Linear only) and Hugging Face encoders
+through hf.quantize_hf_dynamic, on the fbgemm or x86 engine. Every artifact is verified after a reload from
+disk and benchmarked against the float model (backends.run).
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from typing import Any
 
 import torch
 
+from workers.engine import backends
 from workers.engine.config import DynamicConfig
 from workers.engine.errors import EngineError
 from workers.engine.io import LoadedModel
-from workers.engine.pipeline import Exclusions, Int8Model, finish, quiet, start_job
+from workers.engine.pipeline import Exclusions, Int8Model, Job, check_request, quiet, start_job
 from workers.engine.rebuild import rebuild_modules
 from workers.engine.result import ProgressFn, QuantResult
 from workers.engine.verify import fixed_batch, random_batch
+from workers.engine.x86 import quantize_pt2e
+from workers.engine.x86_pt2 import aoti_model, example_inputs
 
 __all__ = ["quantize_dynamic_model"]
 
@@ -27,7 +32,7 @@ NOTHING_HINT = "convolutional models need static quantization (mode static)"
 
 
 def _convert_program(loaded: LoadedModel, config: DynamicConfig, notes: list[str]) -> Int8Model:
-    rebuilt = rebuild_modules(loaded.program, embeddings=config.quantize_embeddings)
+    rebuilt = rebuild_modules(loaded.program, embeddings=bool(config.quantize_embeddings))
     notes += rebuilt.warnings
     excluded = Exclusions(config.exclude)
     qconfigs: dict[str, Any] = {}
@@ -65,11 +70,6 @@ def _convert_program(loaded: LoadedModel, config: DynamicConfig, notes: list[str
 
 
 def _convert_script(loaded: LoadedModel, config: DynamicConfig, notes: list[str]) -> Int8Model:
-    if config.quantize_embeddings:
-        raise EngineError(
-            "unsupported_combination",
-            "quantize_embeddings needs a torch.export program (.pt2): TorchScript graph mode quantizes Linear only",
-        )
     module = loaded.module
     leaves = {n: m for n, m in module.named_modules() if n and not any(True for _ in m.children())}
     excluded = Exclusions(config.exclude)
@@ -97,6 +97,55 @@ def _convert_script(loaded: LoadedModel, config: DynamicConfig, notes: list[str]
     return Int8Model(quantized, count, max(0, weighted - count), loaded.module)
 
 
+def _convert_x86_program(job: Job, config: DynamicConfig) -> Int8Model:
+    """torchao pt2e dynamic quantization of the Linear layers, for AOTInductor."""
+    recurrent = sum(job.loaded.info.layers.get(kind, 0) for kind in ("LSTM", "GRU"))
+    if recurrent:
+        job.notes.append("LSTM and GRU layers stay float on backend x86: backend fbgemm quantizes them")
+    try:
+        quantized = quantize_pt2e(
+            job.loaded.program, mode="dynamic", example_inputs=example_inputs(job), exclude=config.exclude
+        )
+    except EngineError as exc:
+        if exc.code != "nothing_quantized":
+            raise
+        hint = "backend fbgemm quantizes LSTM and GRU layers" if recurrent else NOTHING_HINT
+        raise EngineError("nothing_quantized", f"{exc.message}; {hint}") from exc
+    made = aoti_model(job, quantized)
+    made.float_layers += recurrent
+    return made
+
+
+def _convert_hf(job: Job, config: DynamicConfig) -> Int8Model:
+    """Every Linear and (by default) the word embeddings, traced to TorchScript on the job's engine."""
+    from workers.engine.hf import quantize_hf_dynamic
+
+    embeddings = True if config.quantize_embeddings is None else config.quantize_embeddings
+    made = quantize_hf_dynamic(
+        job.loaded, quantize_embeddings=embeddings, exclude=config.exclude, seed=config.seed
+    )
+    job.notes.extend(made.warnings)
+    return Int8Model(made.module, made.quantized, made.float_layers, made.float_traced)
+
+
+def _convert(job: Job, config: DynamicConfig, backend: str) -> Int8Model:
+    if job.format == "hf":
+        what = "Linear layers and word embeddings"
+    elif job.format == "pt2" and backend == "fbgemm":
+        what = "Linear, LSTM and GRU layers"
+    else:
+        what = "Linear layers"
+    job.report("converting", 15.0, f"quantizing {what} to int8")
+    with quiet():
+        if job.format == "hf":
+            return _convert_hf(job, config)
+        if job.format == "pt2":
+            if backend == "x86":
+                return _convert_x86_program(job, config)
+            return _convert_program(job.loaded, config, job.notes)
+        return _convert_script(job.loaded, config, job.notes)
+
+
 def quantize_dynamic_model(
     model_path: str | Path,
     config: DynamicConfig,
@@ -108,7 +157,12 @@ def quantize_dynamic_model(
     train: Any = None,
     progress: ProgressFn | None = None,
 ) -> QuantResult:
-    """Quantize a model dynamically, verify the reloaded artifact, benchmark it; see api.quantize."""
+    """Quantize a model dynamically, verify the reloaded artifact, benchmark it; see api.quantize.
+
+    Raises:
+        EngineError: unsupported_combination (support.refusal), nothing_quantized, the pipeline's codes.
+    """
+    fmt = check_request("dynamic", model_path, config)
     data = {"eval": eval_data, "calibration": calibration, "train": train}
     job = start_job(
         "dynamic",
@@ -118,9 +172,6 @@ def quantize_dynamic_model(
         input_shapes=input_shapes,
         data=data,
         progress=progress,
+        fmt=fmt,
     )
-    job.report("converting", 15.0, "quantizing Linear, LSTM and GRU layers to int8")
-    with quiet():
-        convert = _convert_program if job.loaded.format == "pt2" else _convert_script
-        made = convert(job.loaded, config, job.notes)
-    return finish(job, made)
+    return backends.run(job, lambda backend: _convert(job, config, backend))

@@ -1,14 +1,18 @@
-"""Quantization-aware training on fbgemm: fake-quantize, fine-tune on labelled data, convert to int8.
+"""Quantization-aware training: fake-quantize, fine-tune on labelled data, convert to int8.
 
-Only `.pt2` programs: they are rebuilt into modules (see rebuild.py), prepared with `prepare_qat_fx` (conv+bn
-fused into QAT modules that keep learning their batch-norm statistics until frozen), trained, converted with
-`convert_fx` and compiled to TorchScript. TorchScript graph mode has no QAT.
+Only `.pt2` programs (TorchScript graph mode has no QAT). fbgemm: the program is rebuilt into modules (see
+rebuild.py), prepared with `prepare_qat_fx` (conv+bn fused into QAT modules that keep learning their
+batch-norm statistics until frozen), trained, converted with `convert_fx` and compiled to TorchScript. x86:
+torchao's `prepare_qat_pt2e` on the program, trained by the same loop (same batches, optimizer, freezing
+schedule), converted and compiled by AOTInductor.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +30,13 @@ from torch.ao.quantization.fake_quantize import (
     default_fused_wt_fake_quant,
 )
 
-from workers.engine.archive import detect_model_format
+from qaas.shapes import LABELS
+from workers.engine import backends
 from workers.engine.config import QATConfig
 from workers.engine.errors import EngineError
-from workers.engine.pipeline import Int8Model, Job, count_layers, finish, quiet, start_job
+from workers.engine.pipeline import Int8Model, Job, check_request, count_layers, quiet, start_job
 from workers.engine.rebuild import rebuild_modules
 from workers.engine.result import ProgressFn, QuantResult
-from workers.engine.shapes import LABELS
 from workers.engine.static import (
     REDUCE_RANGE,
     excluded_layers,
@@ -42,6 +46,8 @@ from workers.engine.static import (
     to_torchscript,
 )
 from workers.engine.verify import Batch, call_model, flat_outputs
+from workers.engine.x86 import quantize_pt2e
+from workers.engine.x86_pt2 import aoti_model, example_inputs, freeze_pt2e, pt2e_eval, pt2e_train
 
 __all__ = ["qat_qconfig", "quantize_qat_model"]
 
@@ -50,6 +56,49 @@ HISTOGRAM_NOTE = (
     "activation_observer histogram is not used for QAT (it would search the range again at every step): "
     "activations use moving-average min/max fake quantization, torch.ao's QAT default"
 )
+X86_OBSERVER_NOTE = (
+    "activation_observer {observer} is not used by backend x86's QAT: activations use torchao's "
+    "moving-average min/max fake quantization"
+)
+
+
+@dataclass(frozen=True)
+class Modes:
+    """How to switch a prepared QAT model between training and evaluation, and freeze it part of the way."""
+
+    train: Callable[[Any], Any]
+    eval: Callable[[Any], Any]
+    freeze: Callable[[Any], Any]
+    disable_fake_quant: Callable[[Any], Any]
+    enable_fake_quant: Callable[[Any], Any]
+
+
+def _freeze_fx(model: Any) -> None:
+    model.apply(torch.ao.quantization.disable_observer)
+    model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+
+
+FX_MODES = Modes(
+    train=lambda m: m.train(),
+    eval=lambda m: m.eval(),
+    freeze=_freeze_fx,
+    disable_fake_quant=lambda m: m.apply(torch.ao.quantization.disable_fake_quant),
+    enable_fake_quant=lambda m: m.apply(torch.ao.quantization.enable_fake_quant),
+)
+
+
+def _pt2e_modes() -> Modes:
+    from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
+
+    return Modes(
+        train=pt2e_train,
+        eval=pt2e_eval,
+        freeze=freeze_pt2e,
+        disable_fake_quant=lambda m: m.apply(disable_fake_quant),
+        enable_fake_quant=lambda m: m.apply(enable_fake_quant),
+    )
+
+
 LABELS_HELP = (
     "a training dataset with a 'labels' array (class indices for loss cross_entropy, targets shaped like "
     "the model's output for mse)"
@@ -105,7 +154,7 @@ def _loss(kind: str, output: Any, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.mse_loss(scores, labels.to(scores.dtype))
 
 
-def _train(job: Job, config: QATConfig, model: Any) -> None:
+def _train(job: Job, config: QATConfig, model: Any, modes: Modes = FX_MODES) -> None:
     """Fine-tune the fake-quantized model; freeze observers and batch-norm statistics part of the way."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = (
@@ -118,14 +167,13 @@ def _train(job: Job, config: QATConfig, model: Any) -> None:
     total = config.epochs * len(batches)
     freeze_at = math.floor(config.freeze_observers_after * total)
     step = 0
-    model.train()
+    modes.train(model)
     for epoch in range(config.epochs):
         if epoch:  # a new order each epoch, the same on every run
             batches = job.batches("train", seed=config.seed + epoch, **options)
         for batch in batches:
             if step == freeze_at:
-                model.apply(torch.ao.quantization.disable_observer)
-                model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+                modes.freeze(model)
             labels = batch.pop(LABELS)
             loss = _loss(config.loss, model(*batch.values()), labels)
             optimizer.zero_grad()
@@ -136,25 +184,25 @@ def _train(job: Job, config: QATConfig, model: Any) -> None:
                 f"epoch {epoch + 1}/{config.epochs}, step {step}/{total}, loss {float(loss.detach()):.4g}"
             )
             job.report("training", 10.0 + 25.0 * step / total, message)
-    model.eval()
+    modes.eval(model)
 
 
-def _initialise_observers(job: Job, config: QATConfig, model: Any) -> None:
+def _initialise_observers(job: Job, config: QATConfig, model: Any, modes: Modes = FX_MODES) -> None:
     """Observe calibration data with fake quantization off, so that training starts from sensible ranges."""
     limit = config.calibration_batches * config.batch_size
     batches: list[Batch] = job.batches(
         "calibration", batch_size=config.batch_size, limit=limit, seed=config.seed
     )
     job.calibration_samples = sum(len(next(iter(b.values()))) for b in batches)
-    model.eval()
-    model.apply(torch.ao.quantization.disable_fake_quant)
+    modes.eval(model)
+    modes.disable_fake_quant(model)
     for i, batch in enumerate(batches):
         call_model(model, batch, by_name=False)
         job.report("calibrating", 5.0 + 5.0 * (i + 1) / len(batches), f"batch {i + 1}/{len(batches)}")
-    model.apply(torch.ao.quantization.enable_fake_quant)
+    modes.enable_fake_quant(model)
 
 
-def _convert(job: Job, config: QATConfig) -> Int8Model:
+def _convert_fx(job: Job, config: QATConfig) -> Int8Model:
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
     rebuilt = rebuild_modules(job.loaded.program, static=True)
@@ -185,6 +233,38 @@ def _convert(job: Job, config: QATConfig) -> Int8Model:
     )
 
 
+def _convert_x86(job: Job, config: QATConfig) -> Int8Model:
+    """torchao's prepare_qat_pt2e on a copy of the program, trained by the same loop, for AOTInductor."""
+    if config.activation_observer != "moving_average":
+        job.notes.append(X86_OBSERVER_NOTE.format(observer=config.activation_observer))
+    modes = _pt2e_modes()
+    trained: dict[str, Any] = {}
+
+    def calibrate(prepared: Any) -> None:
+        _initialise_observers(job, config, prepared, modes)
+
+    def train(prepared: Any) -> None:
+        for param in prepared.parameters():
+            param.requires_grad_(param.is_floating_point())
+        _train(job, config, prepared, modes)
+        reference = copy.deepcopy(prepared)  # the fake-quantized model the int8 one must match
+        modes.eval(reference)
+        trained["reference"] = reference
+
+    # Training updates the tensors in place, and a program's modules share its tensors: work on a copy.
+    quantized = quantize_pt2e(
+        copy.deepcopy(job.loaded.program),
+        mode="qat",
+        example_inputs=example_inputs(job),
+        calibrate=calibrate if "calibration" in job.files else None,
+        train=train,
+        per_channel=config.weight_granularity == "per_channel",
+        exclude=config.exclude,
+    )
+    job.report("converting", 35.0, "converted the trained model to int8 by torchao pt2e")
+    return aoti_model(job, quantized, trained.get("reference"))
+
+
 def quantize_qat_model(
     model_path: str | Path,
     config: QATConfig,
@@ -199,23 +279,31 @@ def quantize_qat_model(
     """Fine-tune with fake quantization, convert, verify the reloaded artifact, benchmark; see api.quantize.
 
     Raises:
-        EngineError: unsupported_combination for TorchScript, labels_required without labelled training
-            data, dataset_mismatch for labels that do not fit the loss, nothing_quantized, the pipeline's codes.
+        EngineError: unsupported_combination for TorchScript and Hugging Face models (support.refusal),
+            labels_required without labelled training data, dataset_mismatch for labels that do not fit the
+            loss, nothing_quantized, the pipeline's codes.
     """
-    fmt = detect_model_format(model_path)
-    if fmt != "pt2":
-        why = "TorchScript graph mode has no QAT" if fmt == "torchscript" else f"this upload is {fmt}"
-        raise EngineError("unsupported_combination", f"QAT needs a .pt2 (torch.export) upload: {why}")
+    fmt = check_request("qat", model_path, config)
     if train is None:
         raise EngineError("labels_required", f"QAT trains the model: give {LABELS_HELP}")
     data = {"eval": eval_data, "calibration": calibration, "train": train}
     job = start_job(
-        "qat", model_path, config, out_dir=out_dir, input_shapes=input_shapes, data=data, progress=progress
+        "qat",
+        model_path,
+        config,
+        out_dir=out_dir,
+        input_shapes=input_shapes,
+        data=data,
+        progress=progress,
+        fmt=fmt,
     )
     if not job.has_labels("train"):
         raise EngineError(
             "labels_required", f"the training dataset has no 'labels' array: give {LABELS_HELP}"
         )
-    with quiet():
-        made = _convert(job, config)
-    return finish(job, made)
+
+    def convert(backend: str) -> Int8Model:
+        with quiet():
+            return _convert_x86(job, config) if backend == "x86" else _convert_fx(job, config)
+
+    return backends.run(job, convert)

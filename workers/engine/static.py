@@ -1,9 +1,10 @@
-"""Post-training static int8 quantization on fbgemm: observe activations on calibration data, then convert.
+"""Post-training static int8 quantization: observe activations on calibration data, then convert.
 
-`.pt2` programs are rebuilt into modules (convolutions, batch norms, ReLUs and Linear: see rebuild.py) so that
-FX graph mode fuses conv+bn+relu and linear+relu, observes, converts; the result is compiled to TorchScript.
-TorchScript uploads go through TorchScript graph mode (`quantize_jit`). Either way the artifact is
-`model.int8.ts`, verified and measured by pipeline.finish.
+fbgemm on a `.pt2`: the program is rebuilt into modules (convolutions, batch norms, ReLUs and Linear: see
+rebuild.py) so that FX graph mode fuses conv+bn+relu and linear+relu, observes, converts; the result is
+compiled to TorchScript (`model.int8.ts`). x86 on a `.pt2`: torchao pt2e (X86InductorQuantizer) calibrated on
+the same batches, compiled by AOTInductor (`model.int8.aoti.pt2`). TorchScript uploads go through TorchScript
+graph mode (`quantize_jit`) on the fbgemm or x86 engine. backends.run verifies and measures the result.
 """
 
 from __future__ import annotations
@@ -20,16 +21,19 @@ from torch.ao.quantization import (
     QConfigMapping,
     default_per_channel_weight_observer,
     default_weight_observer,
-    get_default_qconfig_mapping,
 )
 
+from workers.engine import backends
 from workers.engine.config import StaticConfig
 from workers.engine.errors import EngineError
 from workers.engine.io import LoadedModel
-from workers.engine.pipeline import Exclusions, Int8Model, Job, count_layers, finish, quiet, start_job
+from workers.engine.pipeline import Exclusions, Int8Model, Job, check_request, count_layers, quiet, start_job
 from workers.engine.rebuild import RebuiltModel, rebuild_modules
 from workers.engine.result import ProgressFn, QuantResult
 from workers.engine.verify import Batch, call_model, fixed_batch, random_batch
+from workers.engine.x86 import quantize_pt2e
+from workers.engine.x86_pt2 import aoti_model, example_inputs
+from workers.engine.x86_torchscript import qconfig_mapping as default_mapping
 
 __all__ = [
     "activation_observer",
@@ -46,8 +50,8 @@ OBSERVERS: dict[str, Any] = {
     "histogram": HistogramObserver,
 }
 # fbgemm's int8 kernels can overflow with the full 8-bit activation range on CPUs without VNNI; torch's
-# fbgemm defaults keep 7 bits (ENGINE_NOTES: reduce_range is to be gated by engine).
-REDUCE_RANGE = {"fbgemm": True}
+# fbgemm and x86 defaults keep 7 bits (ENGINE_NOTES: full range breaks depthwise convolutions on both).
+REDUCE_RANGE = {"fbgemm": True, "x86": True}
 STATIC_LAYERS = "Conv1d/2d/3d, Linear and BatchNorm (fused with a following ReLU)"
 WEIGHTED = {"Linear", "Conv1d", "Conv2d", "Conv3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"}
 
@@ -172,7 +176,8 @@ def _convert_program(job: Job, config: StaticConfig, batches: list[Batch]) -> In
     job.notes.extend(rebuilt.warnings)
     excluded = excluded_layers(rebuilt, job)
     float_same_build = script_float(rebuilt.module)
-    mapping = qconfig_mapping(static_qconfig(config), get_default_qconfig_mapping(job.backend), excluded)
+    qconfig = static_qconfig(config, job.backend)
+    mapping = qconfig_mapping(qconfig, default_mapping(job.backend), excluded)
     prepared = prepare_fx(rebuilt.module, mapping, tuple(batches[0].values()))
     _observe(job, prepared, batches, "calibrating", (10.0, 35.0))
     job.report("converting", 35.0, "converting to int8")
@@ -187,7 +192,7 @@ def _convert_script(job: Job, config: StaticConfig, batches: list[Batch]) -> Int
     model = job.loaded.module
     leaves = {n: m for n, m in model.named_modules() if n and not any(True for _ in m.children())}
     excluded = Exclusions(config.exclude)
-    qconfigs: dict[str, Any] = {"": static_qconfig(config)}
+    qconfigs: dict[str, Any] = {"": static_qconfig(config, job.backend)}
     for name, sub in leaves.items():
         if excluded(name, type_name=sub.original_name):
             qconfigs[name] = None
@@ -206,6 +211,34 @@ def _convert_script(job: Job, config: StaticConfig, batches: list[Batch]) -> Int
     return Int8Model(module, quantized, float_layers, model)
 
 
+def _convert_x86_program(job: Job, config: StaticConfig, batches: list[Batch]) -> Int8Model:
+    """torchao pt2e (X86InductorQuantizer) calibrated on the same batches, for AOTInductor."""
+
+    def calibrate(prepared: Any) -> None:
+        _observe(job, prepared, batches, "calibrating", (10.0, 35.0))
+
+    quantized = quantize_pt2e(
+        job.loaded.program,
+        mode="static",
+        example_inputs=example_inputs(job),
+        calibrate=calibrate,
+        per_channel=config.weight_granularity == "per_channel",
+        observer=config.activation_observer,
+        exclude=config.exclude,
+    )
+    job.report("converting", 35.0, "converted to int8 by torchao pt2e")
+    return aoti_model(job, quantized)
+
+
+def _convert(job: Job, config: StaticConfig, batches: list[Batch]) -> Int8Model:
+    with quiet():
+        if job.format != "pt2":
+            return _convert_script(job, config, batches)
+        if job.backend == "x86":
+            return _convert_x86_program(job, config, batches)
+        return _convert_program(job, config, batches)
+
+
 def quantize_static_model(
     model_path: str | Path,
     config: StaticConfig,
@@ -220,8 +253,10 @@ def quantize_static_model(
     """Quantize statically: calibrate, convert, verify the reloaded artifact, benchmark it; see api.quantize.
 
     Raises:
-        EngineError: dataset_required without calibration data, nothing_quantized, and the pipeline's codes.
+        EngineError: unsupported_combination (support.refusal), dataset_required without calibration data,
+            nothing_quantized, and the pipeline's codes.
     """
+    fmt = check_request("static", model_path, config)
     if calibration is None:
         raise EngineError(
             "dataset_required",
@@ -230,11 +265,15 @@ def quantize_static_model(
         )
     data = {"eval": eval_data, "calibration": calibration, "train": train}
     job = start_job(
-        "static", model_path, config, out_dir=out_dir, input_shapes=input_shapes, data=data, progress=progress
+        "static",
+        model_path,
+        config,
+        out_dir=out_dir,
+        input_shapes=input_shapes,
+        data=data,
+        progress=progress,
+        fmt=fmt,
     )
-    with quiet():
-        batches = calibration_batches(job, config)
-        job.report("calibrating", 10.0, f"observing {job.calibration_samples} calibration samples")
-        convert = _convert_program if job.loaded.format == "pt2" else _convert_script
-        made = convert(job, config, batches)
-    return finish(job, made)
+    batches = calibration_batches(job, config)  # the same batches for every candidate backend
+    job.report("calibrating", 10.0, f"observing {job.calibration_samples} calibration samples")
+    return backends.run(job, lambda backend: _convert(job, config, batches))

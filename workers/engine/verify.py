@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from qaas.shapes import LABELS, resolve_tensor_name
 from workers.engine.errors import EngineError
 from workers.engine.io import InputSpec
-from workers.engine.shapes import LABELS, resolve_tensor_name
 
 __all__ = ["Batch", "call_model", "dataset_batches", "fidelity", "flat_outputs", "random_batch"]
 

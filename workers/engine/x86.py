@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx.experimental._config
 from torch import nn
 
 from workers.engine.cpu import cpu_info
@@ -353,7 +354,10 @@ def compile_aoti(
     }
 
     def write(temp: Path) -> None:
-        with open(temp, "wb") as f, torch.no_grad(), _quiet():
+        # Without size-oblivious reasoning, the fake convolution's oneDNN heuristic (`batch >= 16`) is decided
+        # from the example batch and narrows the batch to 2..15 in the package: batch 16 was refused.
+        oblivious = torch.fx.experimental._config.patch(backed_size_oblivious=True)  # type: ignore[attr-defined]
+        with open(temp, "wb") as f, torch.no_grad(), _quiet(), oblivious:
             torch._inductor.aoti_compile_and_package(program, package_path=f, inductor_configs=configs)
 
     atomic_write(out_path, write)

@@ -7,9 +7,9 @@ from sqlalchemy import text
 
 from app.api.deps import SessionDep, SettingsDep
 from app.core import queue
-from app.core.capabilities import SUPPORT
 from app.core.errors import ServiceUnavailable
 from app.schemas.common import error_responses
+from qaas.support import SUPPORT
 
 router = APIRouter(tags=["service"], responses=error_responses())
 
@@ -44,7 +44,8 @@ def capabilities(settings: SettingsDep) -> dict[str, Any]:
     """Formats, modes and backends supported, and the limits that apply."""
     return {
         "support": {
-            fmt: {mode: list(backends) for mode, backends in modes.items()} for fmt, modes in SUPPORT.items()
+            fmt: {mode: list(backends) for mode, backends in modes.items() if backends}
+            for fmt, modes in SUPPORT.items()
         },
         "limits": {"max_upload_bytes": settings.max_upload_bytes, "job_timeout_s": settings.job_timeout_s},
     }

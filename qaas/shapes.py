@@ -1,7 +1,7 @@
 """Whether a dataset's tensors fit a model's inputs: plain dicts in, a message out.
 
-This module imports neither torch nor numpy on purpose: the service validates a job against the JSON it
-stored at inspection time and copies this rule, so the rule must stay readable and dependency-free.
+Pure Python on purpose: the API validates a job against the JSON it stored at inspection time with this
+same rule that the engine applies to the arrays.
 """
 
 from __future__ import annotations

@@ -1,0 +1,133 @@
+"""One job per format and per mode through the HTTP API with a real worker (the engine tests cover every
+cell of the support matrix; these prove the service carries each kind of job end to end)."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.e2e.conftest import Stack
+from tests.engine.conftest_static import Digits, SmallCNN
+from tests.engine.test_hf import build_hf_folder, zip_folder
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.parametrize("stack", ["embedded"], indirect=True),
+]
+pytest_plugins = ["tests.engine.conftest_static"]
+FBGEMM = {"backend": "fbgemm", "benchmark": {"batch_sizes": [1], "iterations": 5}}
+DONE = {"succeeded", "failed", "cancelled"}
+
+
+def _upload(stack: Stack, kind: str, path: Path, **fields: str) -> dict[str, Any]:
+    with open(path, "rb") as handle:
+        response = stack.client.post(f"/v1/{kind}", files={"file": (path.name, handle)}, data=fields)
+    assert response.status_code == 201, response.text
+    ready = stack.wait(f"/v1/{kind}/{response.json()['id']}", {"ready", "invalid"})
+    assert ready["status"] == "ready", ready
+    return ready
+
+
+def _job(stack: Stack, **body: Any) -> dict[str, Any]:
+    response = stack.client.post("/v1/jobs", json=FBGEMM | body)
+    assert response.status_code == 202, response.text
+    job = stack.wait(f"/v1/jobs/{response.json()['id']}", DONE, timeout_s=300)
+    assert job["status"] == "succeeded", job
+    return job
+
+
+def test_static_and_qat_keep_digits_accuracy(stack: Stack, digits: Digits) -> None:
+    model = _upload(stack, "models", digits.pt2)
+    train = _upload(stack, "datasets", digits.train)
+    test = _upload(stack, "datasets", digits.test)
+    assert (train["has_labels"], train["tensors"]["x"]["shape"][1:]) == (True, [1, 8, 8])
+
+    static = _job(
+        stack,
+        model_id=model["id"],
+        mode="static",
+        calibration_dataset_id=train["id"],
+        eval_dataset_id=test["id"],
+    )
+    qat = _job(
+        stack,
+        model_id=model["id"],
+        mode="qat",
+        train_dataset_id=train["id"],
+        eval_dataset_id=test["id"],
+        options={"qat": {"epochs": 1, "learning_rate": 1e-3}},
+    )
+    for job in (static, qat):
+        accuracy = job["metrics"]["accuracy"]
+        assert accuracy["fp32"] == pytest.approx(digits.accuracy, abs=0.01)
+        assert abs(accuracy["delta"]) <= 1.0, accuracy
+        assert job["metrics"]["size"]["ratio"] > 2.5
+        assert job["manifest"]["mode"] == job["mode"]
+    assert static["manifest"]["calibration_samples"] > 0
+
+    missing = stack.client.post(
+        "/v1/jobs", json={"model_id": model["id"], "mode": "qat", "train_dataset_id": test["id"]} | FBGEMM
+    )
+    assert missing.status_code == 202  # test split has labels too: accepted
+    no_labels = stack.client.post("/v1/jobs", json={"model_id": model["id"], "mode": "static"} | FBGEMM)
+    assert no_labels.status_code == 422 and no_labels.json()["error"] == "dataset_required"
+
+
+def test_torchscript_static_with_an_image_folder_calibration_set(stack: Stack, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cnn = SmallCNN(channels=3, size=16).eval()
+    path = tmp_path / "cnn.ts"
+    torch.jit.save(torch.jit.script(cnn), path)
+    model = _upload(stack, "models", path, input_shapes='{"x": [null, 3, 16, 16]}')
+
+    images = tmp_path / "images.zip"
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(images, "w") as zf:
+        for label in ("cat", "dog"):
+            for index in range(20):
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(buffer, "PNG")
+                zf.writestr(f"{label}/{index}.png", buffer.getvalue())
+    spec = {"resize": 16, "crop": 16, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    calib = _upload(stack, "datasets", images, preprocess=json.dumps(spec))
+    assert calib["format"] == "image_folder" and calib["classes"] == ["cat", "dog"]
+    assert calib["tensors"]["x"]["shape"] == [40, 3, 16, 16] and calib["preprocess"] == spec
+
+    job = _job(stack, model_id=model["id"], mode="static", calibration_dataset_id=calib["id"])
+    assert job["metrics"]["layers"]["quantized"] >= 2
+    assert job["metrics"]["fidelity"]["cosine"] >= 0.98
+
+
+def test_hugging_face_dynamic_with_a_jsonl_eval_set(stack: Stack, tmp_path: Path) -> None:
+    archive = zip_folder(build_hf_folder(tmp_path / "bert"), tmp_path / "bert.zip")
+    model = _upload(stack, "models", archive)
+    assert model["format"] == "hf" and model["inspection"]["hf"]["tokenizer"] is True
+    assert [i["name"] for i in model["inspection"]["inputs"]] == ["input_ids", "attention_mask"]
+    lines = [{"text": "the cat sat on a mat", "label": 0}, {"text": "a dog sat", "label": 1}] * 4
+    text = tmp_path / "eval.jsonl"
+    text.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    dataset = _upload(stack, "datasets", text)
+    assert dataset["format"] == "jsonl" and dataset["num_samples"] == 8
+
+    job = _job(stack, model_id=model["id"], mode="dynamic", eval_dataset_id=dataset["id"])
+    assert job["metrics"]["fidelity"]["cosine"] >= 0.99
+    artifact = next(a for a in job["artifacts"] if a["name"] == "model.int8.ts")
+    path = tmp_path / "bert.int8.ts"
+    path.write_bytes(stack.client.get(artifact["url"]).content)
+    traced = torch.jit.load(str(path))
+    ids = torch.randint(5, 100, (2, 7))
+    assert traced(ids, torch.ones_like(ids)).shape[:2] == (2, 7)
+
+    refused = stack.client.post(
+        "/v1/jobs", json={"model_id": model["id"], "mode": "static", "calibration_dataset_id": dataset["id"]}
+    )
+    assert refused.status_code == 422 and refused.json()["error"] == "unsupported_combination"

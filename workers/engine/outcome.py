@@ -1,0 +1,197 @@
+"""From an Int8Model to a result: write the artifact, reload it from disk, verify it; measure the one kept.
+
+`build` turns what a backend made into a `Candidate` (the artifact written atomically, or compiled, then
+reloaded and verified); `finish` benchmarks the kept candidate against fp32 as uploaded and fp32 compiled the
+same way, and returns the QuantResult with its metrics, load snippet and manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.engine.bench import environment
+from workers.engine.cpu import cpu_info
+from workers.engine.measure import Verification, accuracy, latency, sizes, verify
+from workers.engine.pipeline import Int8Model, Job, quiet
+from workers.engine.result import ArtifactFile, QuantResult, atomic_write, sha256_file
+from workers.engine.x86 import compile_aoti, load_aoti
+from workers.engine.x86_torchscript import load_torchscript
+
+__all__ = ["ARTIFACTS", "ENGINE_VERSION", "Candidate", "build", "finish"]
+
+ENGINE_VERSION = "0.1"
+ARTIFACTS = {"torchscript": "model.int8.ts", "aoti": "model.int8.aoti.pt2"}
+ARTIFACT_FORMATS = {"torchscript": "torchscript", "aoti": "aoti_package"}
+# What runs an AOTInductor package: Inductor's oneDNN int8 kernels, not a torch.ao quantized engine.
+AOTI_ENGINE = "x86_inductor"
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A backend's verified artifact: the file, the model reloaded from it, its fidelity and accuracy."""
+
+    backend: str
+    made: Int8Model
+    path: Path
+    int8: Any
+    fidelity: dict[str, Any]
+    accuracy: dict[str, float] | None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.made.kind
+
+    @property
+    def artifact(self) -> str:
+        return ARTIFACTS[self.made.kind]
+
+    @property
+    def engine(self) -> str:
+        """What runs the artifact: the torch.ao quantized engine of a TorchScript file, or x86_inductor."""
+        return AOTI_ENGINE if self.made.kind == "aoti" else self.backend
+
+
+def build(job: Job, made: Int8Model, folder: Path, check: Verification) -> Candidate:
+    """Write (or compile) the artifact into `folder`, reload it from disk, verify it, score its accuracy.
+
+    Raises:
+        EngineError: verification_failed (the artifact is removed), nothing_quantized (a package that runs no
+            int8 kernel), model_load_failed.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / ARTIFACTS[made.kind]
+    with quiet():
+        if made.kind == "aoti":
+            job.report("converting", 40.0, "compiling the int8 program into an AOTInductor package (10-40 s)")
+            path = compile_aoti(made.module, target, require_int8=True)
+        else:
+            job.report("saving", 45.0, f"writing {target.name}")
+            path = atomic_write(target, lambda p: torch.jit.save(made.module, str(p)))
+        job.report(
+            "verifying", 55.0, "reloading the artifact from disk and comparing it with the float model"
+        )
+        try:
+            int8 = load_aoti(path) if made.kind == "aoti" else load_torchscript(path, job.backend)
+            fid = verify(job, check, int8, made.reference)
+            scores = accuracy(job, int8)
+        except BaseException:
+            path.unlink(missing_ok=True)  # an unverified model must not look like a result
+            raise
+    return Candidate(job.backend, made, path, int8, fid, scores)
+
+
+def _same_build(job: Job, made: Int8Model) -> Any:
+    if made.float_same_build is not None or made.make_same_build is None:
+        return made.float_same_build
+    job.report("benchmarking", 72.0, "compiling the fp32 program the same way, for the same-build speedup")
+    try:
+        return made.make_same_build()
+    except Exception as exc:  # only a comparison is lost
+        job.notes.append(
+            f"the fp32 model could not be compiled the same way ({type(exc).__name__}): no same-build speedup"
+        )
+        return None
+
+
+def _torchao_version() -> str | None:
+    if importlib.util.find_spec("torchao") is None:
+        return None
+    try:
+        return importlib.metadata.version("torchao")  # the version, without importing torchao's kernels
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _manifest(job: Job, cand: Candidate) -> dict[str, Any]:
+    config = job.config
+    manifest = {
+        "qaas_engine": ENGINE_VERSION,
+        "mode": job.mode,
+        "backend": cand.backend,
+        "backend_requested": job.requested,
+        "engine": cand.engine,
+        "artifact": cand.artifact,
+        "format": job.format,
+        "config": json.loads(json.dumps(dataclasses.asdict(config), default=list)),
+        "seed": config.seed,
+        "calibration_samples": job.calibration_samples,
+        "torch": torch.__version__,
+        "torchao": _torchao_version(),
+        "input_sha256": sha256_file(job.model_path),
+        "files_sha256": {"model": sha256_file(job.model_path)}
+        | {role: sha256_file(path) for role, path in job.files.items()},
+        "inputs": [spec.to_dict() for spec in job.loaded.info.inputs],
+    }
+    if cand.kind == "aoti":
+        info = cpu_info()
+        manifest["compiled_on"] = {"cpu": info["model"], "isa": info["isa"], "machine": info["machine"]}
+    return manifest
+
+
+def _snippet(job: Job, cand: Candidate) -> str:
+    args = ", ".join(spec.name for spec in job.loaded.info.inputs) or "x"
+    if cand.kind == "aoti":
+        info = cpu_info()
+        isa = ", ".join(info["isa"]) or "no int8 extensions"
+        return (
+            "import os, torch\n"
+            'os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"  # refuse inputs of the wrong shape\n'
+            f'model = torch._inductor.aoti_load_package("{cand.artifact}")\n'
+            f"y = model({args})\n"
+            f"# Needs torch {torch.__version__} (the version that compiled it) and an {info['machine']} CPU with "
+            f"{isa} (compiled on {info['model']}).\n"
+        )
+    text = (
+        "import torch\n"
+        f'torch.backends.quantized.engine = "{cand.engine}"  # the engine it was benchmarked with\n'
+        f'model = torch.jit.load("{cand.artifact}")\n'
+        f"y = model({args})\n"
+    )
+    if job.format == "hf":
+        text += (
+            "# input_ids, attention_mask: tokenizer(texts, padding=True, return_tensors='pt') with the model's\n"
+            "# own tokenizer; y is the last hidden state [batch, tokens, hidden].\n"
+        )
+    return text
+
+
+def finish(job: Job, cand: Candidate) -> QuantResult:
+    """Benchmark the kept candidate and assemble its QuantResult (metrics per DESIGN.md section 6)."""
+    report, notes = job.report, job.notes
+    with quiet():
+        same_build = _same_build(job, cand.made)
+        report("benchmarking", 75.0, "timing fp32 and int8")
+        rows = latency(job, cand.int8, same_build, cand.kind)
+    env = environment(job.config.benchmark.threads) | {"engine": cand.engine}
+    if env["load_average"] > (os.cpu_count() or 1):
+        notes.append(
+            f"the host was busy while benchmarking (load average {env['load_average']}): latencies may be high"
+        )
+    metrics: dict[str, Any] = {
+        "size": sizes(job, cand.path, cand.kind),
+        "latency": rows,
+        "fidelity": cand.fidelity,
+    }
+    if cand.accuracy is not None:
+        metrics["accuracy"] = cand.accuracy
+    metrics |= {
+        "layers": {"quantized": cand.made.quantized, "float": cand.made.float_layers, "per_layer": []},
+        "environment": env,
+        "warnings": notes,
+    }
+    # report.json and manifest.json are the caller's to write: the worker stores them as artifacts itself.
+    report("saving", 95.0, f"hashing {cand.artifact}")
+    size = metrics["size"]["int8_bytes"]
+    kind = ARTIFACT_FORMATS[cand.kind]
+    artifacts = [ArtifactFile(cand.artifact, cand.path, kind, size, sha256_file(cand.path))]
+    report("saving", 100.0, "done")
+    return QuantResult(cand.backend, artifacts, metrics, _snippet(job, cand), _manifest(job, cand))
