@@ -131,3 +131,49 @@ def test_hugging_face_dynamic_with_a_jsonl_eval_set(stack: Stack, tmp_path: Path
         "/v1/jobs", json={"model_id": model["id"], "mode": "static", "calibration_dataset_id": dataset["id"]}
     )
     assert refused.status_code == 422 and refused.json()["error"] == "unsupported_combination"
+
+
+def test_auto_measures_both_backends_and_ships_the_winner(stack: Stack, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cnn = SmallCNN(channels=3, size=16).eval()
+    pt2 = tmp_path / "cnn.pt2"
+    program = torch.export.export(
+        cnn, (torch.randn(2, 3, 16, 16),), dynamic_shapes={"x": {0: torch.export.Dim("batch")}}
+    )
+    torch.export.save(program, pt2)
+    calib_path = tmp_path / "calib.npz"
+    np.savez(calib_path, x=np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32))
+    model = _upload(stack, "models", pt2)
+    calib = _upload(stack, "datasets", calib_path)
+    job = _job(
+        stack,
+        model_id=model["id"],
+        mode="static",
+        backend="auto",
+        calibration_dataset_id=calib["id"],
+        options={"calibration_batches": 4, "activation_observer": "minmax"},
+    )
+    backends = job["metrics"]["backends"]
+    assert set(backends) == {"fbgemm", "x86"}, backends
+    assert not [entry for entry in backends.values() if "error" in entry], backends
+    assert all(entry["int8_ms_p50"] > 0 for entry in backends.values()), backends
+    chosen = job["backend"]["chosen"]
+    assert chosen in backends and job["metrics"]["backend_choice"]
+    models = [a for a in job["artifacts"] if a["name"].startswith("model.int8")]
+    assert len(models) == 1, job["artifacts"]  # only the winner is published
+    artifact = models[0]
+    path = tmp_path / artifact["name"]
+    path.write_bytes(stack.client.get(artifact["url"]).content)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    if artifact["name"].endswith(".aoti.pt2"):
+        import os
+
+        os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"
+        loaded = torch._inductor.aoti_load_package(str(path))
+    else:
+        torch.backends.quantized.engine = job["metrics"]["environment"]["engine"]
+        loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        got, expected = loaded(x), cnn(x)
+    assert got.shape == expected.shape == (3, 10)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) >= 0.98
