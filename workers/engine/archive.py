@@ -238,9 +238,10 @@ def _config_entries(zf: zipfile.ZipFile, name: str) -> dict[str, dict]:
 def check_pt2_payloads(path: str | Path) -> None:
     """Refuse a `.pt2` whose loading would unpickle arbitrary objects.
 
-    torch.export.load unpickles some payloads with weights_only=False (pickled weights and constants, sample
-    inputs after a failed safe load) and opaque constants with pickle.loads. Every such payload must load with
-    weights_only=True first; opaque and TorchBind objects, and the pre-2.8 layout, are refused.
+    torch.export.load unpickles some payloads without the weights-only restriction (pickled weights and
+    constants, sample inputs after a failed safe load) and opaque constants with pickle.loads. Every such
+    payload must load with weights_only=True first; opaque and TorchBind objects, and the pre-2.8 layout, are
+    refused.
 
     Raises:
         EngineError: pickle_not_allowed or unsupported_format.
