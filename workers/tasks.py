@@ -149,14 +149,20 @@ def run_job(job_id: str) -> None:
             heartbeat_s=settings.heartbeat_s,
             limits=limits,
         )
+        # What protected this runner, recorded whatever the outcome.
+        runner = {
+            "sandbox": [*outcome.sandbox, *WORKER_PROTECTIONS],
+            "gaps": outcome.sandbox_gaps,
+            "limits": asdict(limits),
+        }
         if outcome.stopped:
             with session_scope() as session:
-                job_service.mark_cancelled(session, job_id, worker_id)
+                job_service.mark_cancelled(session, job_id, worker_id, runner=runner)
             return
         error = _error_of(outcome)
         if error is not None:
             with session_scope() as session:
-                job_service.fail_job(session, job_id, worker_id, *error)
+                job_service.fail_job(session, job_id, worker_id, *error, runner=runner)
             return
         assert outcome.result is not None
         stored = _store_artifacts(job_id, attempt, work / "out", outcome.result)
@@ -170,11 +176,7 @@ def run_job(job_id: str) -> None:
                 artifacts=stored,
                 load_snippet=outcome.result["load_snippet"],
                 manifest=outcome.result["manifest"],
-                runner={
-                    "sandbox": [*outcome.sandbox, *WORKER_PROTECTIONS],
-                    "gaps": outcome.sandbox_gaps,
-                    "limits": asdict(limits),
-                },
+                runner=runner,
             )
         if not committed:
             log.info("job %s was cancelled or taken over while finishing: dropping its artifacts", job_id)

@@ -276,12 +276,26 @@ def _finish(session: Session, job_id: str, worker_id: str, **values: Any) -> boo
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
-def fail_job(session: Session, job_id: str, worker_id: str, code: str, message: str) -> bool:
-    return _finish(session, job_id, worker_id, status="failed", error_code=code, error_message=message[:4000])
+def fail_job(
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    code: str,
+    message: str,
+    *,
+    runner: dict[str, Any] | None = None,
+) -> bool:
+    extra = {"runner": runner} if runner is not None else {}
+    return _finish(
+        session, job_id, worker_id, status="failed", error_code=code, error_message=message[:4000], **extra
+    )
 
 
-def mark_cancelled(session: Session, job_id: str, worker_id: str) -> bool:
-    return _finish(session, job_id, worker_id, status="cancelled", message="cancelled while running")
+def mark_cancelled(
+    session: Session, job_id: str, worker_id: str, *, runner: dict[str, Any] | None = None
+) -> bool:
+    extra = {"runner": runner} if runner is not None else {}
+    return _finish(session, job_id, worker_id, status="cancelled", message="cancelled while running", **extra)
 
 
 @dataclass

@@ -48,6 +48,7 @@ def _quantize_and_verify(
     assert job["backend"] == {"requested": "fbgemm", "chosen": "fbgemm"}
     assert job["progress"]["percent"] == 100.0
     assert "torch.jit.load" in job["load_snippet"]
+    assert {"clean_env", "rlimit_as", "worker_not_dumpable"} <= set(job["runner"]["sandbox"])
 
     artifact = next(a for a in job["artifacts"] if a["name"] == "model.int8.ts")
     download = stack.client.get(artifact["url"])
@@ -202,6 +203,7 @@ def test_time_limit_fails_the_job_with_its_code(stack: Stack, pt2_file: Path) ->
     job = stack.wait(f"/v1/jobs/{job_id}", {"cancelled", "succeeded", "failed"}, timeout_s=60)
     assert job["status"] == "failed", job
     assert job["error"]["code"] == "time_limit"
+    assert "worker_not_dumpable" in job["runner"]["sandbox"] and "rlimit_as" in job["runner"]["sandbox"]
     assert "10 s" in job["error"]["message"]
     assert _runner_processes(job_id) == []
     # The worker survived: the next job still runs.
