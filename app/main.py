@@ -80,7 +80,7 @@ def create_app() -> FastAPI:
             return _error(500, "internal_error", "an unexpected database error happened; it was logged")
         log.warning("database unavailable: %s", exc.orig)
         return _error(
-            503, "database_unavailable", "the database is unreachable: retry shortly", {"Retry-After": "5"}
+            503, "dependency_unavailable", "the database is unreachable: retry shortly", {"Retry-After": "5"}
         )
 
     @app.exception_handler(Exception)

@@ -3,6 +3,10 @@
     python -m workers.runner inspect-model --file PATH [--input-shapes JSON] --out DIR
     python -m workers.runner inspect-dataset --file PATH --out DIR
     python -m workers.runner quantize --spec SPEC.json --out DIR
+    python -m workers.runner recheck --spec SPEC.json --artifact FILE --engine E --first METRICS.json --out DIR
+
+`quantize` runs `recheck` itself, in a second runner process, before it reports success
+(workers.engine.recheck).
 
 stdout carries JSON lines only, one event each: {"event": "progress", "stage", "percent", "message"}, then
 {"event": "result", "result": {...}} (also written to DIR/result.json) or {"event": "error", "code",
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +34,7 @@ __all__ = ["main"]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 MODES = ("dynamic", "static", "qat")
+ROLES = ("calibration", "eval", "train")
 
 
 class Events:
@@ -159,33 +165,115 @@ def _quantize(args: argparse.Namespace, events: Events) -> dict[str, Any]:
     if not isinstance(spec, dict) or not spec.get("model"):
         raise EngineError("invalid_config", 'the job spec must be a JSON object with "model": "<path>"')
     config = _config_from_spec(spec)
+    # Decoded datasets and the recheck's files: TMPDIR is the runner's own work directory in the sandbox.
+    with tempfile.TemporaryDirectory(prefix="qaas-runner-") as scratch:
+        return _quantize_in(spec, config, Path(args.out), Path(scratch), events)
+
+
+def _quantize_in(
+    spec: dict[str, Any], config: Any, out_dir: Path, work: Path, events: Events
+) -> dict[str, Any]:
     from workers.engine.api import quantize
 
-    work = Path.cwd()
+    data = {role: _dataset_path(spec, role, work) for role in ROLES}
     result = quantize(
         spec["model"],
         config,
-        out_dir=args.out,
+        out_dir=out_dir,
         input_shapes=spec.get("input_shapes"),
-        calibration=_dataset_path(spec, "calibration", work),
-        eval_data=_dataset_path(spec, "eval", work),
-        train=_dataset_path(spec, "train", work),
+        calibration=data["calibration"],
+        eval_data=data["eval"],
+        train=data["train"],
         progress=events.progress,
     )
-    out = result.to_dict(relative_to=args.out)
+    out = result.to_dict(relative_to=out_dir)
+    # The image zips are arrays now: the second runner reads those, not the zips again.
+    checked = _fresh_recheck(spec | data | {"preprocess": None}, out, out_dir, work, events)
+    out["metrics"]["fidelity"] = checked["fidelity"]
+    if checked.get("accuracy") is not None:
+        out["metrics"]["accuracy"] = checked["accuracy"]
+    out["metrics"]["verification"] = {
+        "fresh_process": True,
+        "batches": checked["batches"],
+        "samples": checked["samples"],
+    }
     from workers.engine.result import write_json
 
     # The report and manifest travel with the model: the worker stores them as artifacts, `qaas quantize`
     # leaves them beside it.
-    write_json(Path(args.out) / "report.json", out["metrics"])
-    write_json(Path(args.out) / "manifest.json", out["manifest"])
+    write_json(out_dir / "report.json", out["metrics"])
+    write_json(out_dir / "manifest.json", out["manifest"])
     return out
+
+
+def _fresh_recheck(
+    spec: dict[str, Any], out: dict[str, Any], out_dir: Path, work: Path, events: Events
+) -> dict[str, Any]:
+    """Run `recheck` in a second runner process (see workers.engine.recheck) and return what it measured.
+
+    The child inherits this runner's sandbox and limits. When it fails, the artifacts are removed: a model
+    that only works in the process that made it is not a result.
+
+    Raises:
+        EngineError: verification_failed (or the child's own error code).
+    """
+    import subprocess
+
+    events.progress("verifying", 96.0, "loading the artifact in a fresh process and checking it again")
+    folder = work / "recheck"
+    folder.mkdir(exist_ok=True)
+    spec_file, first_file = folder / "spec.json", folder / "first.json"
+    spec_file.write_text(json.dumps(spec), encoding="utf-8")
+    first_file.write_text(json.dumps(out["metrics"]), encoding="utf-8")
+    artifact = out_dir / out["artifacts"][0]["file"]
+    command = [
+        sys.executable, "-m", "workers.runner", "recheck", "--spec", str(spec_file), "--artifact", str(artifact),
+        "--engine", str(out["manifest"].get("engine", out["backend"])), "--first", str(first_file),
+        "--out", str(folder),
+    ]  # fmt: skip
+    child = subprocess.run(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, check=False)
+    last: dict[str, Any] = {}
+    for line in child.stdout.decode("utf-8", "replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") in ("result", "error"):
+            last = event
+    if last.get("event") == "result" and child.returncode == EXIT_OK:
+        return dict(last["result"])
+    for entry in out["artifacts"]:
+        (out_dir / entry["file"]).unlink(missing_ok=True)
+    code = str(last.get("code") or "verification_failed")
+    if code == "internal_error" or not last:
+        code = "verification_failed"
+    message = last.get("message") or f"the fresh-process check ended with status {child.returncode}"
+    raise EngineError(code, str(message))
+
+
+def _recheck(args: argparse.Namespace, events: Events) -> dict[str, Any]:
+    spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
+    first = json.loads(Path(args.first).read_text(encoding="utf-8"))
+    from workers.engine.recheck import recheck
+
+    events.progress("verifying", 0.0, "checking the artifact in a fresh process")
+    return recheck(
+        spec.get("mode", "dynamic"),
+        spec["model"],
+        _config_from_spec(spec),
+        artifact=args.artifact,
+        engine=args.engine,
+        first=first,
+        input_shapes=spec.get("input_shapes"),
+        data={role: spec.get(role) for role in ROLES},
+    )
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Events], dict[str, Any]]] = {
     "inspect-model": _inspect_model,
     "inspect-dataset": _inspect_dataset,
     "quantize": _quantize,
+    "recheck": _recheck,
 }
 
 
@@ -211,6 +299,16 @@ def _parser() -> argparse.ArgumentParser:
         "--spec", required=True, help="the job spec (JSON); paths in it are absolute or cwd-relative"
     )
     job.add_argument("--out", required=True, help="the folder for the artifacts and result.json")
+    again = commands.add_parser(
+        "recheck", help="load an artifact in this fresh process and check it measures as `quantize` found"
+    )
+    again.add_argument(
+        "--spec", required=True, help="the job spec (JSON), datasets already decoded to arrays"
+    )
+    again.add_argument("--artifact", required=True, help="model.int8.ts or model.int8.aoti.pt2")
+    again.add_argument("--engine", required=True, help="the quantized engine a TorchScript artifact runs on")
+    again.add_argument("--first", required=True, help="the metrics `quantize` reported (JSON)")
+    again.add_argument("--out", required=True, help="the folder for result.json")
     return parser
 
 

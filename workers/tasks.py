@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import socket
 import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
+
+from sqlalchemy import select
 
 from app.core import queue
 from app.core.config import get_settings
@@ -20,6 +20,7 @@ from app.models import Dataset, Job, Model
 from app.services import datasets as dataset_service
 from app.services import jobs as job_service
 from app.services import models as model_service
+from workers import upkeep
 from workers.sandbox import RunnerLimits
 from workers.supervise import RunnerOutcome, run_runner
 
@@ -33,7 +34,7 @@ ARTIFACT_FORMATS = {".ts": "torchscript", ".pt2": "aoti_package", ".json": "json
 
 
 def _worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{upkeep.worker_name()}:{uuid.uuid4().hex[:8]}"
 
 
 def _error_of(outcome: RunnerOutcome) -> tuple[str, str] | None:
@@ -101,7 +102,7 @@ def run_job(job_id: str) -> None:
     settings = get_settings()
     storage = get_storage()
     worker_id = _worker_id()
-    lease_s = max(30.0, 6 * settings.heartbeat_s)
+    lease_s = max(10.0, 6 * settings.heartbeat_s)  # a lost worker's job is re-queued once this runs out
     with session_scope() as session:
         job = job_service.claim_job(session, job_id, worker_id, lease_s)
         if job is None:
@@ -131,6 +132,8 @@ def run_job(job_id: str) -> None:
         (work / "spec.json").write_text(json.dumps(spec))
 
         def relay(stage: str | None, percent: float | None, message: str | None) -> bool:
+            if upkeep.handing_back():
+                return True  # the worker is shutting down and the grace period is over
             with session_scope() as session:
                 return job_service.record_progress(
                     session, job_id, worker_id, lease_s, stage, percent, message
@@ -157,7 +160,13 @@ def run_job(job_id: str) -> None:
         }
         if outcome.stopped:
             with session_scope() as session:
-                job_service.mark_cancelled(session, job_id, worker_id, runner=runner)
+                cancelled = session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id))
+                if cancelled is None and upkeep.handing_back():
+                    job_service.hand_back(
+                        session, job_id, worker_id, "its worker shut down before it finished"
+                    )
+                else:
+                    job_service.mark_cancelled(session, job_id, worker_id, runner=runner)
             return
         error = _error_of(outcome)
         if error is not None:
@@ -182,6 +191,11 @@ def run_job(job_id: str) -> None:
             log.info("job %s was cancelled or taken over while finishing: dropping its artifacts", job_id)
             for artifact in stored:
                 storage.delete(artifact.storage_key)
+        else:  # what earlier attempts of this job left behind, if their workers died while storing
+            ours = f"artifacts/{job_id}/attempt-{attempt}/"
+            for folder in {"/".join(k.split("/")[:3]) for k in storage.keys_under(f"artifacts/{job_id}/")}:
+                if not ours.startswith(folder + "/"):
+                    storage.delete_under(folder)
     except Exception as exc:
         log.exception("job %s failed in the worker", job_id)
         for artifact in stored:
@@ -190,6 +204,18 @@ def run_job(job_id: str) -> None:
             job_service.fail_job(session, job_id, worker_id, "internal_error", f"{type(exc).__name__}: {exc}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        _forget_finished_attempts(job_id, work.parent)
+
+
+def _forget_finished_attempts(job_id: str, folder: Path) -> None:
+    """Once the job is final, the work folders of attempts whose workers died on this host go too."""
+    try:
+        with session_scope() as session:
+            status = session.scalar(select(Job.status).where(Job.id == job_id))
+    except Exception:
+        return  # the next attempt, or the next job of this worker, tries again
+    if status in job_service.TERMINAL:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _store_artifacts(

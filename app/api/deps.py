@@ -37,6 +37,6 @@ def require_broker(settings: Settings) -> None:
         raise ServiceUnavailable(
             f"the job broker is unreachable ({type(exc).__name__}): nothing was recorded; retry when GET /readyz "
             "answers 200",
-            code="broker_unavailable",
+            code="dependency_unavailable",
             headers={"Retry-After": "5"},
         ) from exc

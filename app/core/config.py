@@ -32,7 +32,24 @@ class Settings(BaseSettings):
     )
     broker_polling_interval_s: float = Field(0.1, gt=0, le=5, description="Embedded SQLite broker polling.")
     worker_concurrency: int = Field(1, ge=1, le=64)
-    heartbeat_s: float = Field(5.0, gt=0, le=300)
+    heartbeat_s: float = Field(5.0, gt=0, le=300, description="How often a running job renews its lease.")
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="Claims of one job before it fails with worker_lost."
+    )
+    reaper_interval_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="How often each worker re-queues lost jobs and publishes its heartbeat.",
+    )
+    requeue_after_s: float = Field(
+        120.0,
+        gt=0,
+        description="A job queued (or an upload inspecting) this long gets its message sent again.",
+    )
+    shutdown_grace_s: float = Field(
+        60.0, ge=0, le=3600, description="On SIGTERM a worker lets its job run this long, then hands it back."
+    )
     readiness_timeout_s: float = Field(2.0, gt=0, le=30)
 
     # The runner: the sandboxed child process that loads an uploaded model (0 switches a limit off).

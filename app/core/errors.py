@@ -45,7 +45,7 @@ class RangeNotSatisfiable(QaasError):
 
 
 class ServiceUnavailable(QaasError):
-    code = "service_unavailable"
+    code = "dependency_unavailable"
 
 
 def not_found(kind: str, object_id: str) -> NotFound:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -55,6 +56,18 @@ class LocalStorage:
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+    def keys_under(self, prefix: str) -> list[str]:
+        """The keys stored under a folder-like prefix ("artifacts/job_x/"), sorted."""
+        folder = self.path(prefix.rstrip("/"))
+        if not folder.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root.resolve())) for p in folder.rglob("*") if p.is_file())
+
+    def delete_under(self, prefix: str) -> None:
+        """Delete every key under a folder-like prefix, and the emptied folders."""
+        folder = self.path(prefix.rstrip("/"))
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _fsync_dir(directory: Path) -> None:

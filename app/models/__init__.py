@@ -4,5 +4,6 @@ from app.models.artifact import Artifact
 from app.models.dataset import Dataset
 from app.models.job import Job, JobMetrics
 from app.models.model import Model
+from app.models.worker import Worker
 
-__all__ = ["Artifact", "Dataset", "Job", "JobMetrics", "Model"]
+__all__ = ["Artifact", "Dataset", "Job", "JobMetrics", "Model", "Worker"]

@@ -298,6 +298,28 @@ def mark_cancelled(
     return _finish(session, job_id, worker_id, status="cancelled", message="cancelled while running", **extra)
 
 
+def hand_back(session: Session, job_id: str, worker_id: str, reason: str) -> bool:
+    """Give a running job back to the queue (its worker is shutting down) and enqueue it after commit.
+
+    Its attempt still counts (attempts counts claims). False when the job is no longer this worker's."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+        .values(
+            status="queued",
+            worker_id=None,
+            lease_expires_at=None,
+            stage=None,
+            percent=0.0,
+            message=f"re-queued: {reason}",
+        )
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    after_commit(session, lambda: queue.enqueue(queue.RUN_JOB, job_id))
+    return True
+
+
 @dataclass
 class StoredArtifact:
     name: str

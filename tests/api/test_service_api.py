@@ -5,7 +5,7 @@ from fastapi.testclient import TestClient
 
 def test_health_and_readiness(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready", "database": "ok", "broker": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready", "database": "ok", "broker": "ok", "workers": []}
 
 
 def test_readiness_reports_a_broker_that_is_down(client: TestClient, monkeypatch) -> None:
@@ -17,10 +17,10 @@ def test_readiness_reports_a_broker_that_is_down(client: TestClient, monkeypatch
     monkeypatch.setattr(queue, "check_broker", down)
     response = client.get("/readyz")
     assert response.status_code == 503
-    assert response.json()["error"] == "not_ready"
+    assert response.json()["error"] == "dependency_unavailable"
     assert "broker unreachable" in response.json()["detail"]
     upload = client.post("/v1/models", files={"file": ("m", b"abc")})
-    assert upload.status_code == 503 and upload.json()["error"] == "broker_unavailable"
+    assert upload.status_code == 503 and upload.json()["error"] == "dependency_unavailable"
     assert client.get("/v1/models").json()["items"] == []
 
 
@@ -67,7 +67,7 @@ def test_database_down_is_503_not_500(tmp_path, monkeypatch) -> None:
             assert ready.status_code == 503 and "database unreachable" in ready.json()["detail"]
             listed = client.get("/v1/models")
             assert listed.status_code == 503
-            assert listed.json()["error"] == "database_unavailable"
+            assert listed.json()["error"] == "dependency_unavailable"
             assert listed.headers["retry-after"] == "5"
     finally:
         reset_caches()

@@ -4,11 +4,12 @@ PostgreSQL + Redis."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,31 @@ class Stack:
     client: TestClient
     data_dir: Path
     worker_log: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
+        """A `qaas worker` process leading its own process group, logging to worker_log; `env` adds settings."""
+        with open(self.worker_log, "ab") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "qaas", "worker", "--loglevel", "info"],
+                env=os.environ | env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.workers.append(worker)
+        return worker
+
+    def stop_workers(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.terminate()
+        for worker in self.workers:
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
 
     def wait(self, path: str, done: set[str], timeout_s: float = 180) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
@@ -55,29 +81,22 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mo
         redis.Redis.from_url(broker_url).flushdb()
     data_dir = tmp_path / "var"
     configure(monkeypatch, data_dir, database_url, broker_url)
+    # Fast beats: a lost job's lease (6 heartbeats, at least 10 s) expires soon, the reaper looks every second.
     monkeypatch.setenv("QAAS_HEARTBEAT_S", "1")
+    monkeypatch.setenv("QAAS_REAPER_INTERVAL_S", "1")
+    monkeypatch.setenv("QAAS_REQUEUE_AFTER_S", "5")
     settings = get_settings()
     settings.data_dir.mkdir(parents=True)
     upgrade(settings.resolved_database_url)
 
-    worker_log = tmp_path / "worker.log"
-    with open(worker_log, "wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "qaas", "worker", "--loglevel", "info"],
-            env=os.environ.copy(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        with TestClient(create_app()) as client:
-            yield Stack(client=client, data_dir=data_dir, worker_log=worker_log)
-    finally:
-        worker.terminate()
+    with TestClient(create_app()) as client:
+        stack = Stack(client=client, data_dir=data_dir, worker_log=tmp_path / "worker.log")
+        if "no_worker" not in request.keywords:
+            stack.start_worker()
         try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+            yield stack
+        finally:
+            stack.stop_workers()
 
 
 class MLP(torch.nn.Module):

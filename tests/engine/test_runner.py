@@ -129,3 +129,46 @@ def test_quantize_refuses_unknown_modes_and_missing_data(mlp_pt2: Path, tmp_path
     rc, events, _ = run_runner("quantize", "--spec", str(spec), "--out", str(tmp_path / "b"))
     assert (rc, events[-1]["code"]) == (2, "unsupported_combination")
     assert "backend fbgemm" in events[-1]["message"]
+
+
+def test_quantize_rechecks_the_artifact_in_a_fresh_process(mlp_pt2: Path, tmp_path: Path) -> None:
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((16, WIDTH)).astype(np.float32))
+    spec = write_spec(
+        tmp_path / "spec.json",
+        model=str(mlp_pt2),
+        mode="dynamic",
+        backend="fbgemm",
+        benchmark={"batch_sizes": [1], "iterations": 3},
+        eval=str(calib),
+    )
+    out = tmp_path / "out"
+    rc, events, _ = run_runner("quantize", "--spec", str(spec), "--out", str(out))
+    assert rc == 0, events
+    messages = [e["message"] for e in events if e["event"] == "progress"]
+    assert any("fresh process" in m for m in messages)
+    metrics = events[-1]["result"]["metrics"]
+    assert metrics["verification"] == {"fresh_process": True, "batches": 2, "samples": 16}
+    assert metrics["fidelity"]["cosine"] > 0.99
+    assert json.loads((out / "report.json").read_text())["verification"]["fresh_process"] is True
+    assert not list(tmp_path.glob("**/recheck"))  # its scratch files went with the runner's temp folder
+
+    # The same artifact against numbers it never produced: the fresh process refuses it.
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps({"fidelity": dict(metrics["fidelity"], cosine=0.5, sqnr_db=3.0)}))
+    rc, events, _ = run_runner(
+        "recheck", "--spec", str(spec), "--artifact", str(out / "model.int8.ts"), "--engine", "fbgemm",
+        "--first", str(first), "--out", str(tmp_path / "again"),
+    )  # fmt: skip
+    assert (rc, events[-1]["code"]) == (2, "verification_failed")
+    assert "fresh process does not behave" in events[-1]["message"]
+
+    # A damaged artifact does not load there either.
+    (out / "model.int8.ts").write_bytes(b"PK\x03\x04 not a TorchScript archive")
+    first.write_text(json.dumps(metrics))
+    rc, events, _ = run_runner(
+        "recheck", "--spec", str(spec), "--artifact", str(out / "model.int8.ts"), "--engine", "fbgemm",
+        "--first", str(first), "--out", str(tmp_path / "again"),
+    )  # fmt: skip
+    assert (rc, events[-1]["code"]) == (2, "verification_failed")
+    assert "does not run when loaded in a fresh process" in events[-1]["message"]

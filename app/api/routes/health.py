@@ -9,6 +9,7 @@ from app.api.deps import SessionDep, SettingsDep
 from app.core import queue
 from app.core.errors import ServiceUnavailable
 from app.schemas.common import error_responses
+from app.services import reaper
 from qaas.support import SUPPORT
 
 router = APIRouter(tags=["service"], responses=error_responses())
@@ -21,11 +22,23 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Readiness: database and broker reachable", responses=error_responses())
-def readyz(session: SessionDep, settings: SettingsDep) -> dict[str, str]:
-    """200 when the database and the broker answer; 503 naming what is down."""
+def readyz(session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
+    """200 when the database and the broker answer, with the workers heard from lately and the runner
+    protections each gives its jobs (`sandbox`, and `sandbox_gaps`: why others are off); 503 naming what is
+    down. No live worker is not an error here: jobs wait queued until one starts."""
     problems = []
     try:
         session.execute(text("SELECT 1"))
+        workers = [
+            {
+                "id": w.id,
+                "last_seen_at": w.last_seen_at,
+                "concurrency": w.concurrency,
+                "sandbox": w.sandbox,
+                "sandbox_gaps": w.sandbox_gaps,
+            }
+            for w in reaper.live_workers(session, settings)
+        ]
     except Exception as exc:
         problems.append(f"database unreachable ({type(exc).__name__})")
     try:
@@ -34,9 +47,11 @@ def readyz(session: SessionDep, settings: SettingsDep) -> dict[str, str]:
         problems.append(f"broker unreachable ({type(exc).__name__})")
     if problems:
         raise ServiceUnavailable(
-            "; ".join(problems) + ": check the service's URLs and that it runs", code="not_ready"
+            "; ".join(problems) + ": check the service's URLs and that it runs",
+            code="dependency_unavailable",
+            headers={"Retry-After": "5"},
         )
-    return {"status": "ready", "database": "ok", "broker": "ok"}
+    return {"status": "ready", "database": "ok", "broker": "ok", "workers": workers}
 
 
 @router.get("/v1/capabilities", summary="What this service can do", responses=error_responses())
