@@ -2,7 +2,8 @@
 
 `Upkeep` is a daemon thread started by `qaas worker`. Every QAAS_REAPER_INTERVAL_S it records the worker's
 heartbeat (with the runner protections a probe child found in force, which /readyz lists) and runs one reaper
-pass (app.services.reaper). A database that is down only skips a beat.
+pass (app.services.reaper); every ten minutes it deletes the embedded broker's delivered messages. A
+database that is down only skips a beat.
 
 On SIGTERM Celery stops taking messages and waits for running jobs; `shutdown_requested` starts the grace
 period (QAAS_SHUTDOWN_GRACE_S). A job still running when it ends is stopped and handed back to the queue for
@@ -18,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+from app.core import queue
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.services import reaper
@@ -25,6 +27,7 @@ from workers.sandbox import RunnerLimits, sandbox_gaps, sandbox_report
 
 log = logging.getLogger("qaas.worker")
 
+PRUNE_EVERY_S = 600.0  # the embedded broker's delivered messages are deleted this often
 _shutdown_deadline: float | None = None
 _shutdown_lock = threading.Lock()
 
@@ -63,6 +66,7 @@ class Upkeep(threading.Thread):
         self.worker_id = worker_name()
         self.sandbox: list[str] = []
         self.gaps: dict[str, str] = {}
+        self._next_prune = 0.0
 
     def _probe(self) -> None:
         limits = RunnerLimits.from_settings(self.settings)
@@ -88,6 +92,9 @@ class Upkeep(threading.Thread):
                 )
             with session_scope() as session:
                 reaped = reaper.reap(session, self.settings)
+            if time.monotonic() >= self._next_prune:
+                self._next_prune = time.monotonic() + PRUNE_EVERY_S
+                queue.prune_embedded_broker(self.settings)
         except Exception as exc:
             log.warning("heartbeat and reaper skipped: %s: %s", type(exc).__name__, exc)
             return None

@@ -80,3 +80,29 @@ def check_broker(timeout_s: float) -> None:
     """Open a broker connection or raise; used by /readyz and before work is accepted."""
     with get_celery().connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=timeout_s)
+
+
+def prune_embedded_broker(settings: Settings, older_than_s: float = 3600.0) -> int:
+    """Delete the embedded broker's delivered messages; returns how many. kombu's SQLAlchemy transport only
+    marks a delivered message invisible (and stamps it with the local time), so its table would grow forever.
+    Nothing to do on Redis."""
+    url = settings.resolved_broker_url
+    if not url.startswith("sqla+"):
+        return 0
+    import datetime
+
+    from sqlalchemy import create_engine, inspect, text
+
+    engine = create_engine(url.removeprefix("sqla+"))
+    try:
+        if not inspect(engine).has_table("kombu_message"):
+            return 0
+        before = datetime.datetime.now() - datetime.timedelta(seconds=older_than_s)
+        with engine.begin() as conn:
+            result = conn.execute(
+                text("DELETE FROM kombu_message WHERE visible = 0 AND timestamp < :before"),
+                {"before": before},
+            )
+        return int(result.rowcount or 0)
+    finally:
+        engine.dispose()

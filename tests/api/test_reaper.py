@@ -197,3 +197,33 @@ def test_concurrent_requests_with_one_idempotency_key_make_one_job(client: TestC
     assert len(answers) == 4 and len(set(answers)) == 1
     with session_scope() as session:
         assert session.scalar(select(text("count(*)")).select_from(Job)) == 1
+
+
+def test_the_embedded_broker_forgets_delivered_messages(client: TestClient, service_env: Path) -> None:
+    from app.core import queue
+
+    model_id = make_ready_model(client)
+    delivered, waiting = submit(client, model_id), submit(client, model_id)
+    engine = create_engine(f"sqlite:///{service_env / 'broker.sqlite'}")
+    try:
+        with engine.begin() as conn:  # what a worker's delivery leaves: invisible, stamped an hour ago
+            rows = conn.execute(text("SELECT id, payload FROM kombu_message")).all()
+            [row_id] = [r for r, payload in rows if delivered in payload]
+            conn.execute(
+                text(
+                    "UPDATE kombu_message SET visible = 0, timestamp = datetime('now', '-2 hours') WHERE id = :i"
+                ),
+                {"i": row_id},
+            )
+        assert queue.prune_embedded_broker(get_settings()) == 1
+        assert queue.prune_embedded_broker(get_settings()) == 0
+        payloads = [payload for (payload,) in conn_rows(engine)]
+    finally:
+        engine.dispose()
+    assert not [p for p in payloads if delivered in p]
+    assert waiting in broker_messages(service_env)  # a message not yet delivered is never touched
+
+
+def conn_rows(engine):  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT payload FROM kombu_message")).all()

@@ -102,9 +102,14 @@ def test_torchscript_static_with_an_image_folder_calibration_set(stack: Stack, t
     assert calib["format"] == "image_folder" and calib["classes"] == ["cat", "dog"]
     assert calib["tensors"]["x"]["shape"] == [40, 3, 16, 16] and calib["preprocess"] == spec
 
-    job = _job(stack, model_id=model["id"], mode="static", calibration_dataset_id=calib["id"])
+    # The x86 backend asked for by name (fbgemm carries the other TorchScript jobs): torch.ao's x86 engine.
+    job = _job(stack, model_id=model["id"], mode="static", backend="x86", calibration_dataset_id=calib["id"])
+    assert job["backend"] == {"requested": "x86", "chosen": "x86"}
+    assert job["metrics"]["environment"]["engine"] == "x86"
+    assert 'torch.backends.quantized.engine = "x86"' in job["load_snippet"]
     assert job["metrics"]["layers"]["quantized"] >= 2
     assert job["metrics"]["fidelity"]["cosine"] >= 0.98
+    assert job["metrics"]["verification"]["fresh_process"] is True
 
 
 def test_hugging_face_dynamic_with_a_jsonl_eval_set(stack: Stack, tmp_path: Path) -> None:
