@@ -698,10 +698,12 @@ def spawn(
     stderr: int | IO[Any] | None = None,
     text: bool = True,
     announce: bool = True,
+    pass_fds: Sequence[int] = (),
 ) -> tuple[subprocess.Popen[Any], SandboxPlan]:
     """Start `argv` (argv[0] an absolute path) sandboxed in `work_dir`, in a new session. The trampoline
-    runs with this Python; `env` is the child's whole environment (add no secrets). With `announce`, the
-    first stdout line is the sandbox event."""
+    runs with this Python; `env` is the child's whole environment (add no secrets), passed as given. With
+    `announce`, the first stdout line is the sandbox event. `pass_fds` stay open in the child under the same
+    numbers (the host's benchmark lock: Landlock would not let the runner open it by name)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     for directory in write_dirs:
         Path(directory).mkdir(parents=True, exist_ok=True)
@@ -740,6 +742,7 @@ def spawn(
         stderr=stderr,
         text=text,
         start_new_session=True,
+        pass_fds=tuple(pass_fds),
     )
     return proc, plan
 

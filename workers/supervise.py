@@ -10,8 +10,10 @@ import logging
 import os
 import queue as queue_mod
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +30,13 @@ log = logging.getLogger("qaas.worker")
 ProgressRelay = Callable[[str | None, float | None, str | None], bool]
 
 _SOURCE_ROOT = str(Path(workers.__file__).resolve().parent.parent)
+# The runner's benchmark takes the host's lock through this descriptor (workers.engine.bench.host_lock reads
+# the variable; the engine is not imported here: it would import torch into the worker).
+BENCH_LOCK_FD_ENV = "QAAS_BENCH_LOCK_FD"
+BENCH_LOCK_NAME = "qaas-bench.lock"
+
+# A lock file path, an open descriptor of one, or None for default_bench_lock().
+BenchLock = Path | str | int | None
 
 
 @dataclass
@@ -42,7 +51,8 @@ class RunnerOutcome:
 
 
 def runner_env(threads: int, home: Path) -> dict[str, str]:
-    """No secrets: no database, broker or storage URL reaches the child, nor any QAAS_ variable."""
+    """No secrets: no database, broker or storage URL reaches the child, nor any QAAS_ variable (supervise
+    adds QAAS_BENCH_LOCK_FD, a descriptor number, when it passes the benchmark lock)."""
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(home),
@@ -98,6 +108,44 @@ def _runner_paths(args: list[str], work_dir: Path) -> tuple[list[Path], list[Pat
 _SPEC_INPUTS = ("model", "calibration", "train", "eval")
 
 
+def default_bench_lock() -> Path:
+    """The host's benchmark lock file when the caller names none: the same file the engine falls back to
+    when it runs outside a runner, so that both kinds of benchmark take turns."""
+    return Path(tempfile.gettempdir()) / BENCH_LOCK_NAME
+
+
+def _open_bench_lock(lock: BenchLock) -> int | None:
+    """A new open file description of the lock file for one runner, or None (logged) when there is none.
+
+    Each runner needs its own description: flock locks belong to descriptions, so runners sharing one would
+    not exclude each other, and a description the worker kept open would keep a killed runner's lock held.
+    A descriptor given by the caller is reopened through /proc for that reason.
+    """
+    if isinstance(lock, int):
+        path, nofollow = Path(f"/proc/self/fd/{lock}"), 0  # a link by nature: the caller's own descriptor
+    else:
+        path, nofollow = Path(lock or default_bench_lock()), os.O_NOFOLLOW
+    fd, problem = None, ""
+    # flock needs no write access; O_CREAT only when the file is missing (protected_regular refuses it on
+    # another user's file in a sticky /tmp).
+    for flags in (os.O_RDONLY, os.O_RDONLY | os.O_CREAT):
+        try:
+            fd = os.open(path, flags | nofollow | os.O_CLOEXEC, 0o666)
+            break
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    if fd is not None:
+        # The runner gets this descriptor: it must not be a way to read a file its sandbox keeps it from (a
+        # link planted in a shared /tmp). A lock file is empty.
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+            return fd
+        os.close(fd)
+        problem = "it is not an empty regular file"
+    log.warning("benchmark lock %s cannot be used (%s): this runner benchmarks unlocked", path, problem)
+    return None
+
+
 def run_runner(
     args: list[str],
     *,
@@ -107,10 +155,13 @@ def run_runner(
     relay: ProgressRelay | None = None,
     heartbeat_s: float = 5.0,
     limits: RunnerLimits | None = None,
+    bench_lock: BenchLock = None,
 ) -> RunnerOutcome:
     """Run `python -m workers.runner ARGS` in `work_dir`, sandboxed with `limits` (RunnerLimits() when None),
     and wait for its result, relaying progress. It may write only in `work_dir` and the --out folder, and read
-    only the system, Python, the `workers` package and the inputs its command line names.
+    only the system, Python, the `workers` package and the inputs its command line names. Its benchmark takes
+    turns with the host's other benchmarks on `bench_lock` (a path or an open descriptor of the lock file;
+    default_bench_lock() when None), passed to it open.
 
     Call it from the thread that lives as long as the worker (the runner gets SIGKILL when that thread ends)."""
     work_dir = work_dir.resolve()
@@ -125,6 +176,7 @@ def run_runner(
         limits=limits,
         read_paths=reads,
         write_dirs=writes,
+        bench_lock=bench_lock,
     )
 
 
@@ -139,25 +191,36 @@ def supervise(
     limits: RunnerLimits | None = None,
     read_paths: Sequence[Path] = (),
     write_dirs: Sequence[Path] = (),
+    bench_lock: BenchLock = None,
 ) -> RunnerOutcome:
     """Run any program that speaks the runner's JSON-lines protocol the way run_runner runs the runner:
-    sandboxed, with the runner's environment, the wall-clock limit, progress relayed, limits named."""
+    sandboxed, with the runner's environment, the wall-clock limit, progress relayed, limits named, the
+    benchmark lock passed open (its descriptor number in QAAS_BENCH_LOCK_FD)."""
     limits = limits or RunnerLimits()
     work_dir = work_dir.resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
+    env = runner_env(threads, work_dir)
+    lock_fd = _open_bench_lock(bench_lock)
+    if lock_fd is not None:
+        env[BENCH_LOCK_FD_ENV] = str(lock_fd)
     # Read back through this descriptor, never by name: the runner can replace the name with a link to a
     # file it cannot read itself (the SQLite database) and have the worker copy it into the error message.
     with open(work_dir / "runner.stderr", "w+b") as stderr:
-        proc, plan = spawn(
-            argv,
-            work_dir=work_dir,
-            env=runner_env(threads, work_dir),
-            write_dirs=write_dirs,
-            read_paths=read_paths,
-            limits=limits,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-        )
+        try:
+            proc, plan = spawn(
+                argv,
+                work_dir=work_dir,
+                env=env,
+                write_dirs=write_dirs,
+                read_paths=read_paths,
+                limits=limits,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                pass_fds=() if lock_fd is None else (lock_fd,),
+            )
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)  # the runner's copy alone holds the lock: it goes when the runner does
         return _follow(proc, stderr, timeout_s, relay, heartbeat_s, limits, dict(plan.gaps))
 
 

@@ -151,6 +151,8 @@ def run_job(job_id: str) -> None:
             relay=relay,
             heartbeat_s=settings.heartbeat_s,
             limits=limits,
+            # One benchmark at a time on this host: the workers sharing this data directory take turns.
+            bench_lock=settings.data_dir / "bench.lock",
         )
         # What protected this runner, recorded whatever the outcome.
         runner = {

@@ -5,7 +5,12 @@ from fastapi.testclient import TestClient
 
 def test_health_and_readiness(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready", "database": "ok", "broker": "ok", "workers": []}
+    assert client.get("/readyz").json() == {
+        "status": "ready",
+        "database": "ok",
+        "broker": "ok",
+        "workers": [],
+    }
 
 
 def test_readiness_reports_a_broker_that_is_down(client: TestClient, monkeypatch) -> None:

@@ -36,11 +36,16 @@ def test_dynamic_with_a_labelled_jsonl_eval_set(
     result = quantize(hf_zip, DynamicConfig(benchmark=FAST_BENCHMARK), out_dir=tmp_path, eval_data=reviews)
     assert [(a.name, a.format) for a in result.artifacts] == [("model.int8.ts", "torchscript")]
     metrics = result.metrics
-    assert metrics["layers"] == {
-        "quantized": LINEAR_LAYERS + 1,
-        "float": 0,
-        "per_layer": [],
-    }  # + word embeddings
+    layers = metrics["layers"]
+    assert (layers["quantized"], layers["float"]) == (LINEAR_LAYERS + 1, 0)  # + word embeddings
+    rows = layers["per_layer"]  # every quantized layer, under its transformers path, worst first
+    assert len(rows) == len({row["name"] for row in rows}) == LINEAR_LAYERS + 1
+    by_name = {row["name"]: row["type"] for row in rows}
+    assert by_name["embeddings.word_embeddings"] == "Embedding"
+    assert by_name["encoder.layer.1.attention.self.query"] == by_name["pooler.dense"] == "Linear"
+    assert sum(1 for kind in by_name.values() if kind == "Linear") == LINEAR_LAYERS
+    values = [row["sqnr_db"] for row in rows]
+    assert values == sorted(values) and all(20 < v < 200 for v in values)
     assert metrics["fidelity"]["cosine"] >= 0.99
     assert metrics["size"]["fp32_bytes"] == (hf_folder / "model.safetensors").stat().st_size
     warnings = metrics["warnings"]

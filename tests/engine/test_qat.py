@@ -35,7 +35,15 @@ def test_digits_qat_keeps_accuracy_and_reports_training(digits: Digits, tmp_path
     accuracy = result.metrics["accuracy"]
     assert accuracy["fp32"] == pytest.approx(digits.accuracy, abs=1e-3)  # the uploaded model, not trained
     assert abs(accuracy["delta"]) <= 1.0
-    assert result.metrics["layers"] == {"quantized": 3, "float": 0, "per_layer": []}
+    layers = result.metrics["layers"]
+    assert (layers["quantized"], layers["float"]) == (3, 0)
+    # Against the trained model in float: each fused group under its first layer's name, worst first.
+    rows = layers["per_layer"]
+    assert {row["name"]: row["type"] for row in rows} == {
+        "features.0": "Conv2d", "features.3": "Conv2d", "head": "Linear",
+    }  # fmt: skip
+    values = [row["sqnr_db"] for row in rows]
+    assert values == sorted(values) and all(15 < v < 200 for v in values)
     training = [(percent, message) for stage, percent, message in progress if stage == "training"]
     steps = -(-1347 // 32)  # 1347 training samples in batches of 32
     assert len(training) == steps

@@ -82,7 +82,17 @@ def test_artifact_is_faithful_small_and_dynamic(which: str, mlp: MLP, request: p
     assert metrics["size"]["int8_bytes"] == artifact(result).stat().st_size
     assert metrics["fidelity"]["cosine"] >= 0.99
     assert metrics["fidelity"]["top1_agreement"] is not None
-    assert metrics["layers"] == {"quantized": 3, "float": 0, "per_layer": []}
+    layers = metrics["layers"]
+    assert (layers["quantized"], layers["float"]) == (3, 0)
+    if which == "pt2_result":  # one row per quantized layer, under the MLP's own names, worst first
+        rows = layers["per_layer"]
+        assert sorted(row["name"] for row in rows) == ["encoder.0", "head", "stem"]
+        assert {row["type"] for row in rows} == {"Linear"}
+        assert [row["sqnr_db"] for row in rows] == sorted(row["sqnr_db"] for row in rows)
+        assert all(20 < row["sqnr_db"] < 200 for row in rows)
+    else:  # TorchScript graph mode has no layers to observe, and says so
+        assert layers["per_layer"] == []
+        assert any(w.startswith("per-layer SQNR is not available") for w in metrics["warnings"])
     assert [row["batch_size"] for row in metrics["latency"]] == [1, 4]
     assert result.backend == "fbgemm"
 
@@ -94,7 +104,7 @@ def test_metrics_and_manifest_shapes(pt2_result: QuantResult, mlp_pt2: Path) -> 
     }  # fmt: skip
     assert set(row["fp32_ms"]) == set(row["fp32_same_build_ms"]) == {"p50", "p95"}
     env = pt2_result.metrics["environment"]
-    assert set(env) == {"cpu", "isa", "torch", "engine", "threads", "load_average"}
+    assert set(env) == {"cpu", "isa", "torch", "engine", "threads", "load_average", "bench_lock_wait_s"}
     assert env["engine"] == "fbgemm"
     assert set(env["isa"]) <= {"avx2", "avx512_vnni", "avx_vnni", "amx_int8"}
     manifest = pt2_result.manifest

@@ -6,6 +6,7 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,6 +38,13 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(nn.functional.cosine_similarity(a.detach().flatten(), b.detach().flatten(), dim=0))
 
 
+def assert_per_layer(rows: list[dict[str, Any]], types: dict[str, str]) -> None:
+    """One row per quantized layer with its real name and float type, worst SQNR first, finite numbers."""
+    assert {row["name"]: row["type"] for row in rows} == types and len(rows) == len(types)
+    values = [row["sqnr_db"] for row in rows]
+    assert values == sorted(values) and all(10 < v < 200 for v in values)
+
+
 @pytest.mark.parametrize("fmt", ["pt2", "ts"])
 @pytest.mark.parametrize("observer", ["minmax", "histogram"])
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
@@ -65,14 +73,21 @@ def test_cnn_both_formats_every_observer(
     metrics = result.metrics
     assert set(metrics) == METRIC_KEYS  # random calibration data has no labels: no accuracy
     assert metrics["fidelity"]["cosine"] >= 0.98
-    assert metrics["layers"] == {"quantized": 3, "float": 0, "per_layer": []}  # 2 ConvBnReLU, 1 Linear
+    layers = metrics["layers"]
+    assert (layers["quantized"], layers["float"]) == (3, 0)  # 2 ConvBnReLU, 1 Linear
+    if fmt == "pt2":  # each fused group under its convolution's name, worst first
+        assert_per_layer(
+            layers["per_layer"], {"features.0": "Conv2d", "features.3": "Conv2d", "head": "Linear"}
+        )
+    else:  # TorchScript graph mode: no layers to observe (a note says so)
+        assert layers["per_layer"] == []
     assert metrics["size"]["ratio"] >= 2.5
     assert (
         metrics["size"]["int8_weight_bytes"] + metrics["size"]["int8_code_bytes"]
         < metrics["size"]["int8_bytes"]
     )
-    # Timing warnings depend on the host's load; nothing else may warn.
-    timing = ("host was busy", "not faster")
+    # Timing warnings depend on the host's load; nothing else may warn but the TorchScript per-layer note.
+    timing = ("host was busy", "not faster", "per-layer SQNR is not available: TorchScript graph mode")
     assert not [w for w in metrics["warnings"] if not any(t in w for t in timing)]
     assert result.manifest["calibration_samples"] == 64  # 32 batches of 8 asked, 64 samples there
     distinct = [s for i, s in enumerate(stages) if i == 0 or s != stages[i - 1]]
@@ -121,7 +136,12 @@ def test_exclude_by_name_and_by_type(fmt: str, request: pytest.FixtureRequest, t
         calibration=calib,
         input_shapes=shapes,
     )
-    assert by_type.metrics["layers"] == {"quantized": 2, "float": 1, "per_layer": []}
+    layers = by_type.metrics["layers"]
+    assert (layers["quantized"], layers["float"]) == (2, 1)
+    if fmt == "pt2":  # the excluded Linear is float: no int8 row for it
+        assert_per_layer(layers["per_layer"], {"features.0": "Conv2d", "features.3": "Conv2d"})
+    else:
+        assert layers["per_layer"] == []
     assert "aten::linear" in str(load_int8(by_type).inlined_graph)
     assert "exclude entry 'nothing' matched no layer" in by_type.metrics["warnings"]
 
@@ -147,7 +167,9 @@ def test_conv_free_model_quantizes_its_linear_layers(mlp_pt2: Path, mlp: MLP, tm
     result = quantize(
         mlp_pt2, config(activation_observer="moving_average"), out_dir=tmp_path / "o", calibration=calib
     )
-    assert result.metrics["layers"] == {"quantized": 3, "float": 0, "per_layer": []}
+    layers = result.metrics["layers"]
+    assert (layers["quantized"], layers["float"]) == (3, 0)
+    assert_per_layer(layers["per_layer"], {"stem": "Linear", "encoder.0": "Linear", "head": "Linear"})
     graph = str(load_int8(result).inlined_graph)
     assert "quantized::linear_relu" in graph  # the rebuilt torch.relu became nn.ReLU and was fused
     x = torch.randn(3, WIDTH)

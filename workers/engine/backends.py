@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-from workers.engine.bench import compare
+from workers.engine.bench import LOCK_WAIT, compare, host_lock
 from workers.engine.cpu import choose_backend
 from workers.engine.errors import EngineError
 from workers.engine.measure import batch_sizes, prepare_verification
@@ -62,7 +62,14 @@ def time_candidates(job: Job, built: dict[str, Candidate]) -> dict[str, float]:
     inputs = job.random_batch(size, job.config.seed)
     runners = {name: _runner(cand.int8, job.by_name) for name, cand in built.items()}
     job.report("benchmarking", 71.0, f"timing {' and '.join(built)} at batch {size} to choose")
-    return {name: ms["p50"] for name, ms in compare(runners, inputs, job.config.benchmark).items()}
+
+    def waiting() -> None:
+        job.report("benchmarking", 71.0, "waiting for another benchmark on this host to finish")
+
+    with host_lock(on_wait=waiting) as lock:
+        timings = compare(runners, inputs, job.config.benchmark)
+    job.cache[LOCK_WAIT] = job.cache.get(LOCK_WAIT, 0.0) + lock.waited_s  # finish reports it
+    return {name: ms["p50"] for name, ms in timings.items()}
 
 
 def _single(job: Job, convert: Convert) -> QuantResult:

@@ -1,21 +1,41 @@
-"""Latency of fp32 against int8 on this host, and the host facts that explain the numbers."""
+"""Latency of fp32 against int8 on this host, the host facts that explain the numbers, and the host-wide lock
+that keeps two benchmarks from sharing the CPU (DESIGN.md section 4: benchmarks never share cores)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import os
 import platform
+import stat
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from workers.engine.config import BenchmarkConfig
 
-__all__ = ["benchmark", "compare", "environment", "time_runs"]
+__all__ = [
+    "LOCK_FD_ENV",
+    "LOCK_WAIT",
+    "HostLock",
+    "benchmark",
+    "compare",
+    "environment",
+    "host_lock",
+    "time_runs",
+]
 
 WARMUP_RUNS = 3
 ISA_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
+# The sandboxed runner may not open files outside its work dir: the worker opens the host's lock file and
+# passes the open descriptor, named by this variable (workers.supervise).
+LOCK_FD_ENV = "QAAS_BENCH_LOCK_FD"
+FALLBACK_LOCK = "qaas-bench.lock"  # in tempfile.gettempdir(), for the engine used outside a runner
+LOCK_WAIT = "bench_lock_wait_s"  # Job.cache key: seconds a job's earlier benchmarks waited for the lock
 
 
 def _cpuinfo() -> tuple[str, list[str]]:
@@ -45,6 +65,90 @@ def environment(threads: int) -> dict[str, Any]:
         "threads": threads,
         "load_average": round(load, 2),
     }
+
+
+@dataclasses.dataclass
+class HostLock:
+    """What host_lock got: whether a lock is held (False: no lock file could be used) and the seconds it
+    waited for another benchmark to finish."""
+
+    held: bool = False
+    waited_s: float = 0.0
+
+
+def _inherited_fd() -> int | None:
+    """The lock descriptor the worker passed, when it is one: a variable that outlived its descriptor (a
+    child started without it) may name a closed or reused one."""
+    value = os.environ.get(LOCK_FD_ENV, "")
+    if not value.isdigit():
+        return None
+    try:
+        return int(value) if stat.S_ISREG(os.fstat(int(value)).st_mode) else None
+    except OSError:
+        return None
+
+
+def _open_fallback() -> int | None:
+    path = os.path.join(tempfile.gettempdir(), FALLBACK_LOCK)
+    # flock needs no write access. Without O_CREAT first: fs.protected_regular refuses O_CREAT on another
+    # user's existing file in a sticky /tmp.
+    for flags in (os.O_RDONLY, os.O_RDONLY | os.O_CREAT):
+        try:
+            return os.open(path, flags | os.O_CLOEXEC, 0o666)
+        except OSError:
+            continue
+    return None
+
+
+def _acquire(fd: int, on_wait: Callable[[], None] | None) -> bool:
+    """flock(LOCK_EX) on fd, calling on_wait before blocking; False where the file system refuses flock."""
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def host_lock(on_wait: Callable[[], None] | None = None) -> Iterator[HostLock]:
+    """Hold the host's benchmark lock for the block: one benchmark at a time per host.
+
+    The lock is `flock(LOCK_EX)` on the descriptor named by QAAS_BENCH_LOCK_FD (the runner's, opened by its
+    worker), else on tempfile.gettempdir()/qaas-bench.lock; where neither can be used the block runs
+    unlocked (a benchmark is worth more than the lock). A runner that dies holding the lock releases it with
+    its descriptor.
+
+    Args:
+        on_wait: called once, before blocking, when another process holds the lock (to report the wait).
+
+    Example:
+        >>> with host_lock() as lock:
+        ...     rows = benchmark(...)
+        >>> lock.waited_s
+        0.0
+    """
+    fd = _inherited_fd()
+    owned = fd is None
+    if fd is None:
+        fd = _open_fallback()
+    state = HostLock()
+    try:
+        start = time.monotonic()
+        if fd is not None and _acquire(fd, on_wait):
+            state.held, state.waited_s = True, round(time.monotonic() - start, 3)
+        try:
+            yield state
+        finally:
+            if fd is not None and state.held:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        if owned and fd is not None:
+            os.close(fd)
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:

@@ -18,6 +18,7 @@ from workers.engine import backends
 from workers.engine.config import DynamicConfig
 from workers.engine.errors import EngineError
 from workers.engine.io import LoadedModel
+from workers.engine.layers import GRAPH_MODE, ModuleProbe, ProgramProbe, quantized_layers, unavailable
 from workers.engine.pipeline import Exclusions, Int8Model, Job, check_request, quiet, start_job
 from workers.engine.rebuild import rebuild_modules
 from workers.engine.result import ProgressFn, QuantResult
@@ -47,17 +48,25 @@ def _convert_program(loaded: LoadedModel, config: DynamicConfig, notes: list[str
     if not qconfigs:
         why = " (every candidate is excluded)" if rebuilt.layers else ""
         raise EngineError("nothing_quantized", f"{NOTHING}{why}; {NOTHING_HINT}")
-    quantized = torch.ao.quantization.quantize_dynamic(rebuilt.module, qconfigs, dtype=torch.qint8)
+    quantized = torch.ao.quantization.quantize_dynamic(rebuilt.module, qconfigs, dtype=torch.qint8)  # a copy
     count = sum(
         1 for name, m in quantized.named_modules() if name in qconfigs and "quantized" in type(m).__module__
     )
     float_layers = len(rebuilt.layers) - count + len(rebuilt.float_weights)
+    probe = ModuleProbe(
+        rebuilt.module,
+        quantized,
+        quantized_layers(quantized, {n: rebuilt.layers[n] for n in qconfigs}),
+        torch.backends.quantized.engine,
+    )
     try:
         float_same_build = torch.jit.script(rebuilt.module)
     except Exception:
         float_same_build = None  # only a comparison is lost: the benchmark then reports fp32 as uploaded
     try:
-        return Int8Model(torch.jit.script(quantized), count, float_layers, float_same_build)
+        return Int8Model(
+            torch.jit.script(quantized), count, float_layers, float_same_build, layer_probe=probe
+        )
     except Exception as exc:
         # Scripting keeps every dimension dynamic; tracing is the fallback and is checked at other batch sizes.
         notes.append(
@@ -66,7 +75,7 @@ def _convert_program(loaded: LoadedModel, config: DynamicConfig, notes: list[str
     specs = loaded.info.inputs
     example = random_batch(specs, fixed_batch(specs) or 2, seed=config.seed)
     traced = torch.jit.trace(quantized, tuple(example.values()), check_trace=False)
-    return Int8Model(traced, count, float_layers)
+    return Int8Model(traced, count, float_layers, layer_probe=probe)
 
 
 def _convert_script(loaded: LoadedModel, config: DynamicConfig, notes: list[str]) -> Int8Model:
@@ -93,6 +102,7 @@ def _convert_script(loaded: LoadedModel, config: DynamicConfig, notes: list[str]
         notes.append(
             "LSTM and GRU layers stay float in TorchScript graph mode: upload a .pt2 to quantize them"
         )
+    notes.append(unavailable(GRAPH_MODE))
     # The uploaded TorchScript is already the same build as the int8 model: it is its own comparison.
     return Int8Model(quantized, count, max(0, weighted - count), loaded.module)
 
@@ -113,6 +123,7 @@ def _convert_x86_program(job: Job, config: DynamicConfig) -> Int8Model:
         raise EngineError("nothing_quantized", f"{exc.message}; {hint}") from exc
     made = aoti_model(job, quantized)
     made.float_layers += recurrent
+    made.layer_probe = ProgramProbe(job.loaded.module, quantized.program.module())
     return made
 
 
@@ -125,7 +136,12 @@ def _convert_hf(job: Job, config: DynamicConfig) -> Int8Model:
         job.loaded, quantize_embeddings=embeddings, exclude=config.exclude, seed=config.seed
     )
     job.notes.extend(made.warnings)
-    return Int8Model(made.module, made.quantized, made.float_layers, made.float_traced)
+    # HFEncoder holds the transformers model as `model`: its layers are "model.<path>" there.
+    layers = {f"model.{path}": (path, type_name) for path, type_name in made.layers.items()}
+    probe = None
+    if made.eager is not None:
+        probe = ModuleProbe(made.float_module, made.eager, layers, torch.backends.quantized.engine)
+    return Int8Model(made.module, made.quantized, made.float_layers, made.float_traced, layer_probe=probe)
 
 
 def _convert(job: Job, config: DynamicConfig, backend: str) -> Int8Model:

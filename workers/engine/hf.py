@@ -107,6 +107,8 @@ class HFQuantized:
         cosine: mean token cosine of int8 against fp32 last hidden states on random ids (batch 1 × 5 tokens
             and 3 × 11 with padding); verification on real data is the caller's.
         warnings: notes for the report (exclude entries that matched nothing).
+        eager: the int8 model before tracing, with the float model's module paths (per-layer SQNR).
+        layers: the quantized layers, module path of the transformers model -> float type name.
     """
 
     module: torch.jit.ScriptModule
@@ -116,6 +118,8 @@ class HFQuantized:
     float_layers: int
     cosine: float
     warnings: list[str] = field(default_factory=list)
+    eager: HFEncoder | None = None
+    layers: dict[str, str] = field(default_factory=dict)
 
 
 def _listing(names: Sequence[str]) -> str:
@@ -429,9 +433,13 @@ def quantize_hf_dynamic(
         )
     with _quiet():
         quantized = quantize_dynamic(float_model, qconfigs, dtype=torch.qint8)  # a copy
-    count = sum(
-        1 for n, m in quantized.named_modules() if n in qconfigs and "quantized" in type(m).__module__
-    )
+    float_types = {n: type(m).__name__ for n, m in float_model.named_modules()}
+    layers = {
+        n: float_types[n]
+        for n, m in quantized.named_modules()
+        if n in qconfigs and "quantized" in type(m).__module__
+    }
+    count = len(layers)
     example = example_inputs or hf_example_inputs(float_model, seed=seed, padded=True)
     eager = HFEncoder(quantized).eval()
     reference = HFEncoder(float_model).eval()
@@ -445,4 +453,6 @@ def quantize_hf_dynamic(
         float_layers=len(candidates) - count,
         cosine=round(cosine, 6),
         warnings=excluded.unused(),
+        eager=eager,
+        layers=layers,
     )

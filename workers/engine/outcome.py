@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from workers.engine.bench import environment
+from workers.engine.bench import LOCK_WAIT, environment, host_lock
 from workers.engine.cpu import cpu_info
+from workers.engine.layers import measure_layers
 from workers.engine.measure import Verification, accuracy, latency, sizes, verify
 from workers.engine.pipeline import Int8Model, Job, quiet
 from workers.engine.result import ArtifactFile, QuantResult, atomic_write, sha256_file
@@ -36,7 +37,8 @@ AOTI_ENGINE = "x86_inductor"
 
 @dataclasses.dataclass
 class Candidate:
-    """A backend's verified artifact: the file, the model reloaded from it, its fidelity and accuracy."""
+    """A backend's verified artifact: the file, the model reloaded from it, its fidelity and accuracy, and the
+    inputs and float outputs it was verified on."""
 
     backend: str
     made: Int8Model
@@ -44,6 +46,7 @@ class Candidate:
     int8: Any
     fidelity: dict[str, Any]
     accuracy: dict[str, float] | None
+    check: Verification
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -86,7 +89,7 @@ def build(job: Job, made: Int8Model, folder: Path, check: Verification) -> Candi
         except BaseException:
             path.unlink(missing_ok=True)  # an unverified model must not look like a result
             raise
-    return Candidate(job.backend, made, path, int8, fid, scores)
+    return Candidate(job.backend, made, path, int8, fid, scores, check)
 
 
 def _same_build(job: Job, made: Int8Model) -> Any:
@@ -165,13 +168,27 @@ def _snippet(job: Job, cand: Candidate) -> str:
 
 
 def finish(job: Job, cand: Candidate) -> QuantResult:
-    """Benchmark the kept candidate and assemble its QuantResult (metrics per DESIGN.md section 6)."""
+    """Measure the kept candidate layer by layer, benchmark it (holding the host's benchmark lock) and
+    assemble its QuantResult (metrics per DESIGN.md section 6)."""
     report, notes = job.report, job.notes
     with quiet():
+        report("verifying", 65.0, "measuring the SQNR of each int8 layer")
+        per_layer = measure_layers(
+            cand.made.layer_probe, cand.check.batches, by_name=job.by_name, notes=notes
+        )
         same_build = _same_build(job, cand.made)
         report("benchmarking", 75.0, "timing fp32 and int8")
-        rows = latency(job, cand.int8, same_build, cand.kind)
-    env = environment(job.config.benchmark.threads) | {"engine": cand.engine}
+
+        def waiting() -> None:
+            report("benchmarking", 75.0, "waiting for another benchmark on this host to finish")
+
+        with host_lock(on_wait=waiting) as lock:
+            rows = latency(job, cand.int8, same_build, cand.kind)
+    waited = job.cache.get(LOCK_WAIT, 0.0) + lock.waited_s  # auto's timing of its candidates waited too
+    env = environment(job.config.benchmark.threads) | {
+        "engine": cand.engine,
+        "bench_lock_wait_s": round(waited, 3),
+    }
     if env["load_average"] > (os.cpu_count() or 1):
         notes.append(
             f"the host was busy while benchmarking (load average {env['load_average']}): latencies may be high"
@@ -184,7 +201,11 @@ def finish(job: Job, cand: Candidate) -> QuantResult:
     if cand.accuracy is not None:
         metrics["accuracy"] = cand.accuracy
     metrics |= {
-        "layers": {"quantized": cand.made.quantized, "float": cand.made.float_layers, "per_layer": []},
+        "layers": {
+            "quantized": cand.made.quantized,
+            "float": cand.made.float_layers,
+            "per_layer": per_layer,
+        },
         "environment": env,
         "warnings": notes,
     }

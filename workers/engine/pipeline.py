@@ -23,6 +23,7 @@ from workers.engine.cpu import supported_backends
 from workers.engine.data import check_dataset_matches, inspect_dataset, load_dataset
 from workers.engine.errors import EngineError
 from workers.engine.io import LoadedModel, load_model
+from workers.engine.layers import LayerProbe
 from workers.engine.result import ProgressFn
 from workers.engine.verify import Batch, dataset_batches, random_batch
 
@@ -90,6 +91,8 @@ class Int8Model:
     `make_same_build` makes it on demand (an AOTInductor compile: only for the backend that is kept);
     `reference`, when set, is what the verification gate compares the int8 model with instead of the uploaded
     float model (QAT: the trained fake-quantized model, since training moves the outputs on purpose).
+    `layer_probe` measures per-layer SQNR (layers.py) from the eager models the handler kept; None where the
+    path cannot (the handler says why in the job's notes).
     """
 
     module: Any
@@ -99,6 +102,7 @@ class Int8Model:
     reference: Any = None
     kind: str = "torchscript"
     make_same_build: Callable[[], Any] | None = None
+    layer_probe: LayerProbe | None = None
 
 
 @dataclasses.dataclass

@@ -34,6 +34,7 @@ from qaas.shapes import LABELS
 from workers.engine import backends
 from workers.engine.config import QATConfig
 from workers.engine.errors import EngineError
+from workers.engine.layers import ModuleProbe, unavailable
 from workers.engine.pipeline import Int8Model, Job, check_request, count_layers, quiet, start_job
 from workers.engine.rebuild import rebuild_modules
 from workers.engine.result import ProgressFn, QuantResult
@@ -44,6 +45,8 @@ from workers.engine.static import (
     qconfig_mapping,
     script_float,
     to_torchscript,
+    warn_few_samples,
+    weighted_layers,
 )
 from workers.engine.verify import Batch, call_model, flat_outputs
 from workers.engine.x86 import quantize_pt2e
@@ -55,6 +58,11 @@ MAX_TRAIN_SAMPLES = 1_000_000
 HISTOGRAM_NOTE = (
     "activation_observer histogram is not used for QAT (it would search the range again at every step): "
     "activations use moving-average min/max fake quantization, torch.ao's QAT default"
+)
+X86_QAT_LAYERS = (
+    "backend x86 trains a fake-quantized program whose layers do not pair one to one with the int8 "
+    "program's (its batch norms are folded only when converting); backend fbgemm gives per-layer numbers "
+    "for QAT"
 )
 X86_OBSERVER_NOTE = (
     "activation_observer {observer} is not used by backend x86's QAT: activations use torchao's "
@@ -194,6 +202,7 @@ def _initialise_observers(job: Job, config: QATConfig, model: Any, modes: Modes 
         "calibration", batch_size=config.batch_size, limit=limit, seed=config.seed
     )
     job.calibration_samples = sum(len(next(iter(b.values()))) for b in batches)
+    warn_few_samples(job)
     modes.eval(model)
     modes.disable_fake_quant(model)
     for i, batch in enumerate(batches):
@@ -224,13 +233,34 @@ def _convert_fx(job: Job, config: QATConfig) -> Int8Model:
     _train(job, config, prepared)
     job.report("converting", 35.0, "converting the trained model to int8")
     reference = copy.deepcopy(prepared)  # the fake-quantized model the int8 one must match
-    module = to_torchscript(convert_fx(prepared), job.loaded, config.seed, job.notes)
+    converted = convert_fx(prepared)
+    module = to_torchscript(converted, job.loaded, config.seed, job.notes)
     quantized, float_layers = count_layers(module)
     if not quantized:
         raise nothing_quantized(job.loaded, bool(excluded))
-    return Int8Model(
-        module, quantized, float_layers + len(rebuilt.float_weights), float_same_build, reference
+    probe = ModuleProbe(
+        _trained_float(reference),
+        converted,
+        weighted_layers(rebuilt, converted),
+        torch.backends.quantized.engine,
     )
+    return Int8Model(
+        module,
+        quantized,
+        float_layers + len(rebuilt.float_weights),
+        float_same_build,
+        reference,
+        layer_probe=probe,
+    )
+
+
+def _trained_float(prepared: Any) -> Any:
+    """The trained model in float (a copy with fake quantization off): what per-layer SQNR compares the int8
+    layers with, since training moved the weights away from the uploaded ones on purpose."""
+    trained = copy.deepcopy(prepared).eval()
+    trained.apply(torch.ao.quantization.disable_fake_quant)
+    trained.apply(torch.ao.quantization.disable_observer)
+    return trained
 
 
 def _convert_x86(job: Job, config: QATConfig) -> Int8Model:
@@ -262,6 +292,7 @@ def _convert_x86(job: Job, config: QATConfig) -> Int8Model:
         exclude=config.exclude,
     )
     job.report("converting", 35.0, "converted the trained model to int8 by torchao pt2e")
+    job.notes.append(unavailable(X86_QAT_LAYERS))
     return aoti_model(job, quantized, trained.get("reference"))
 
 

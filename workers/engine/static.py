@@ -27,6 +27,14 @@ from workers.engine import backends
 from workers.engine.config import StaticConfig
 from workers.engine.errors import EngineError
 from workers.engine.io import LoadedModel
+from workers.engine.layers import (
+    GRAPH_MODE,
+    ModuleProbe,
+    ProgramProbe,
+    fused_float,
+    quantized_layers,
+    unavailable,
+)
 from workers.engine.pipeline import Exclusions, Int8Model, Job, check_request, count_layers, quiet, start_job
 from workers.engine.rebuild import RebuiltModel, rebuild_modules
 from workers.engine.result import ProgressFn, QuantResult
@@ -161,12 +169,17 @@ def calibration_batches(job: Job, config: Any) -> list[Batch]:
         limit = config.calibration_batches * fixed
     batches = job.batches("calibration", batch_size=config.batch_size, limit=limit, seed=config.seed)
     job.calibration_samples = sum(len(next(iter(b.values()))) for b in batches)
-    if job.calibration_samples < MIN_CALIBRATION_SAMPLES:
+    warn_few_samples(job)
+    return batches
+
+
+def warn_few_samples(job: Job) -> None:
+    """A warning when calibration observed fewer than MIN_CALIBRATION_SAMPLES samples (static and QAT)."""
+    if 0 < job.calibration_samples < MIN_CALIBRATION_SAMPLES:
         job.notes.append(
             f"only {job.calibration_samples} calibration samples were observed: activation ranges from fewer "
             f"than {MIN_CALIBRATION_SAMPLES} are often off; give 100-500 samples like those the model sees"
         )
-    return batches
 
 
 def _convert_program(job: Job, config: StaticConfig, batches: list[Batch]) -> Int8Model:
@@ -176,16 +189,28 @@ def _convert_program(job: Job, config: StaticConfig, batches: list[Batch]) -> In
     job.notes.extend(rebuilt.warnings)
     excluded = excluded_layers(rebuilt, job)
     float_same_build = script_float(rebuilt.module)
+    fused = fused_float(rebuilt.module)  # the float side of per-layer SQNR, one module per int8 module
     qconfig = static_qconfig(config, job.backend)
     mapping = qconfig_mapping(qconfig, default_mapping(job.backend), excluded)
     prepared = prepare_fx(rebuilt.module, mapping, tuple(batches[0].values()))
     _observe(job, prepared, batches, "calibrating", (10.0, 35.0))
     job.report("converting", 35.0, "converting to int8")
-    module = to_torchscript(convert_fx(prepared), job.loaded, config.seed, job.notes)
+    converted = convert_fx(prepared)
+    module = to_torchscript(converted, job.loaded, config.seed, job.notes)
     quantized, float_layers = count_layers(module)
     if not quantized:
         raise nothing_quantized(job.loaded, bool(excluded))
-    return Int8Model(module, quantized, float_layers, float_same_build)
+    probe = ModuleProbe(
+        fused, converted, weighted_layers(rebuilt, converted), torch.backends.quantized.engine
+    )
+    return Int8Model(module, quantized, float_layers, float_same_build, layer_probe=probe)
+
+
+def weighted_layers(rebuilt: RebuiltModel, converted: Any) -> dict[str, tuple[str, str]]:
+    """The rebuilt weighted layers (conv, linear, batch norm) that are int8 modules in `converted`: a fused
+    group under its first layer's name (conv+bn+relu is the conv)."""
+    candidates = {n: layer for n, layer in rebuilt.layers.items() if layer[1] in WEIGHTED}
+    return quantized_layers(converted, candidates)
 
 
 def _convert_script(job: Job, config: StaticConfig, batches: list[Batch]) -> Int8Model:
@@ -207,6 +232,7 @@ def _convert_script(job: Job, config: StaticConfig, batches: list[Batch]) -> Int
     if not quantized:
         candidates = [n for n, m in leaves.items() if m.original_name in WEIGHTED]
         raise nothing_quantized(job.loaded, bool(candidates) and all(n in qconfigs for n in candidates))
+    job.notes.append(unavailable(GRAPH_MODE))
     # The uploaded TorchScript is already the same build as the int8 model: it is its own comparison.
     return Int8Model(module, quantized, float_layers, model)
 
@@ -227,7 +253,9 @@ def _convert_x86_program(job: Job, config: StaticConfig, batches: list[Batch]) -
         exclude=config.exclude,
     )
     job.report("converting", 35.0, "converted to int8 by torchao pt2e")
-    return aoti_model(job, quantized)
+    made = aoti_model(job, quantized)
+    made.layer_probe = ProgramProbe(job.loaded.module, quantized.program.module())
+    return made
 
 
 def _convert(job: Job, config: StaticConfig, batches: list[Batch]) -> Int8Model:
