@@ -373,6 +373,7 @@ def report_context(job: Job) -> dict[str, Any]:
         "layer_chart_limit": MAX_LAYER_BARS,
         "layers": layers,
         "fidelity": flatten(section(metrics, "fidelity")),
+        "verification": section(metrics, "verification"),
         "accuracy": flatten(section(metrics, "accuracy")),
         "size": flatten(section(metrics, "size")),
         "environment": _environment(metrics),

@@ -48,6 +48,7 @@ METRICS: dict[str, Any] = {
         },
     ],
     "fidelity": {"sqnr_db": 27.41, "cosine": 0.998871, "max_abs_error": 0.3127, "top1_agreement": 0.984},
+    "verification": {"fresh_process": True, "batches": 8, "samples": 64},
     "accuracy": {"fp32": 69.76, "int8": 69.34, "delta": -0.42},
     "layers": {
         "quantized": 21,
@@ -135,6 +136,7 @@ def test_report_page_shows_the_numbers_charts_and_escapes_values(
     assert f"{METRICS['accuracy']['delta']:+.2f} pp" in page  # -0.42 pp
     assert f"{METRICS['fidelity']['cosine']:.6f}" in page
     assert f"{METRICS['fidelity']['sqnr_db']:.1f} dB" in page
+    assert "loaded in a fresh process, on 64 samples" in page
     # Both batch sizes are charted, with values on the bars; layers worst first.
     assert "int8 4.44× faster" in page and ">88.3<" in page and ">19.9<" in page
     names = re.findall(r'class="layer-name"[^>]*><title>([^<:]*)', page)
@@ -176,6 +178,7 @@ def test_report_page_without_optional_parts(client: TestClient, service_env: Pat
     )
     page = client.get(f"/v1/jobs/{job_id}/report.html").text
     assert "no per-layer data" in page and "no latency measurements" in page
+    assert 'id="verified"' not in page
     assert "4.00×" in page and "<svg" not in page and "Backend choice" not in page
 
 

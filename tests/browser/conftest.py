@@ -74,3 +74,14 @@ def browser() -> Iterator[Any]:
             yield launched
         finally:
             launched.close()
+
+
+@pytest.fixture
+def screenshots() -> Path:
+    """Where screenshots are kept after the run, for a person to look at: QAAS_TEST_ARTIFACTS or
+    ./test-artifacts (git ignores it)."""
+    folder = Path(
+        os.environ.get("QAAS_TEST_ARTIFACTS") or Path(__file__).resolve().parents[2] / "test-artifacts"
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

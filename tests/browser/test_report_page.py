@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from tests.api.test_reports import METRICS, finish_job
 from tests.conftest import configure, reset_caches
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-SCREENSHOT_COPY = Path("/tmp/qaas-report.png")  # the last run's page, for a person to look at
 
 
 @pytest.fixture
@@ -46,7 +44,7 @@ def finished_job(api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_report_page_renders_its_charts_offline(
-    api_url: str, finished_job: str, browser: Any, tmp_path: Path
+    api_url: str, finished_job: str, browser: Any, screenshots: Path
 ) -> None:
     outside: list[str] = []
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -65,18 +63,16 @@ def test_report_page_renders_its_charts_offline(
     assert page.locator("#layer-chart rect:not(.swatch)").count() == len(METRICS["layers"]["per_layer"])
     assert "4.02×" in page.locator(".cards").inner_text()
     assert page.locator("#load-snippet").inner_text().startswith("import torch")
-    page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "report.png"), full_page=True)
 
     # The model's page links each job to its report, relatively (so it works behind a path prefix).
     page.locator("nav a", has_text="All jobs of this model").click()
     page.wait_for_load_state()
     assert page.locator("tr.job-row").count() == 2
-    page.screenshot(path=str(tmp_path / "model.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "model-jobs.png"), full_page=True)
     page.locator("tr.job-row a", has_text=finished_job).click()
     page.wait_for_load_state()
     assert page.url == f"{api_url}/v1/jobs/{finished_job}/report.html"
 
     assert outside == [], f"the page loaded something from outside qaas: {outside}"
     assert errors == [], f"the page logged errors (a blocked resource or a CSP violation?): {errors}"
-    shutil.copyfile(tmp_path / "report.png", SCREENSHOT_COPY)
-    shutil.copyfile(tmp_path / "model.png", SCREENSHOT_COPY.with_name("qaas-model-jobs.png"))

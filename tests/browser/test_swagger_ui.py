@@ -12,7 +12,9 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_swagger_ui_renders_offline_and_uploads_a_model(api_url: str, browser: Any, tmp_path: Path) -> None:
+def test_swagger_ui_renders_offline_and_uploads_a_model(
+    api_url: str, browser: Any, tmp_path: Path, screenshots: Path
+) -> None:
     model_file = tmp_path / "tiny.pt2"
     model_file.write_bytes(b"uploaded from swagger ui " * 100)
 
@@ -30,7 +32,7 @@ def test_swagger_ui_renders_offline_and_uploads_a_model(api_url: str, browser: A
     status.wait_for(timeout=20_000)
     body = block.locator(".live-responses-table tr.response .response-col_description").first.inner_text()
     assert status.inner_text().strip() == "201", body
-    page.screenshot(path=str(tmp_path / "swagger.png"))
+    page.screenshot(path=str(screenshots / "swagger.png"))
 
     assert outside == [], f"the page loaded assets from outside qaas: {outside}"
     [model] = httpx.get(f"{api_url}/v1/models").json()["items"]
