@@ -17,6 +17,7 @@ __all__ = [
     "FORMATS",
     "MODES",
     "SUPPORT",
+    "X86_PER_TENSOR",
     "backends_for",
     "option_refusal",
     "refusal",
@@ -38,6 +39,13 @@ SUPPORT: dict[str, dict[str, tuple[str, ...]]] = {
     "hf": {"dynamic": _ALL, "static": (), "qat": ()},
 }
 
+# Checked on torch 2.13 / torchao 0.18: a per-tensor weight spec quantizes, but Inductor's int8 lowering
+# matches dequantize_per_channel weights only, and the package ran every layer in fp32.
+X86_PER_TENSOR = (
+    "backend x86 quantizes .pt2 weights per channel only: torchao's X86InductorQuantizer has no per-tensor "
+    "weights, and Inductor compiles per-tensor int8 weights as fp32 layers; use weight_granularity "
+    "per_channel, or backend fbgemm for per-tensor weights"
+)
 FORMAT_NAMES = {"pt2": "a .pt2 (torch.export)", "torchscript": "a TorchScript", "hf": "a Hugging Face"}
 _MODE_REFUSALS = {
     ("torchscript", "qat"): (
@@ -82,10 +90,7 @@ def _option_problem(
     fmt: str, mode: str, backend: str, weight_granularity: str | None, quantize_embeddings: bool | None
 ) -> str | None:
     if fmt == "pt2" and backend == "x86" and mode in ("static", "qat") and weight_granularity == "per_tensor":
-        return (
-            "backend x86 quantizes .pt2 weights per channel only (its oneDNN kernels take no per-tensor "
-            "weights): use weight_granularity per_channel, or backend fbgemm for per-tensor weights"
-        )
+        return X86_PER_TENSOR
     if fmt == "pt2" and backend == "x86" and mode == "dynamic" and quantize_embeddings:
         return (
             "backend x86 quantizes the Linear layers of a .pt2 dynamically, not its embeddings: use backend "

@@ -67,6 +67,8 @@ def test_option_level_refusals() -> None:
     for mode in ("static", "qat"):
         sentence = refusal("pt2", mode, "x86", **per_tensor) or ""
         assert "use weight_granularity per_channel, or backend fbgemm" in sentence
+        # Why: checked on torch 2.13, Inductor ran per-tensor int8 weights as fp32 layers.
+        assert "Inductor compiles per-tensor int8 weights as fp32 layers" in sentence
         assert refusal("pt2", mode, "fbgemm", **per_tensor) is None
         assert refusal("pt2", mode, "auto", **per_tensor) is None  # auto keeps fbgemm
         assert backends_for("pt2", mode, **per_tensor) == ("fbgemm",)

@@ -18,7 +18,7 @@ import re
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,11 @@ import torch
 import torch.fx.experimental._config
 from torch import nn
 
+from qaas.support import X86_PER_TENSOR
 from workers.engine.cpu import cpu_info
 from workers.engine.errors import EngineError
 from workers.engine.result import atomic_write
+from workers.engine.x86_quantizer import SINGLE_CHANNEL_NOTE, make_quantizer, module_path, quantization_config
 
 __all__ = [
     "ARTIFACT",
@@ -93,16 +95,6 @@ def _quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _module_path(node: torch.fx.Node) -> tuple[str, str]:
-    """(innermost module path, its class name) of a graph node, ("", "") for the root's own ops."""
-    stack = list((node.meta.get("nn_module_stack") or {}).values())
-    if not stack:
-        return "", ""
-    path, cls = stack[-1]
-    name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-    return str(path).removeprefix("L['self']."), name.rsplit(".", 1)[-1]
-
-
 def dynamic_shapes_of(program: torch.export.ExportedProgram) -> tuple[dict[int, Any] | None, ...]:
     """The `dynamic_shapes` that re-exports a program's module with the same dynamic dimensions.
 
@@ -151,7 +143,7 @@ def layer_report(graph: torch.fx.Graph) -> tuple[list[str], list[str]]:
             and weight.op == "call_function"
             and bool(DEQUANTIZE_WEIGHT.search(str(weight.target)))
         )
-        path = _module_path(node)[0] or node.name
+        path = module_path(node)[0] or node.name
         (quantized if is_int8 else floating).append(path)
     return quantized, floating
 
@@ -183,38 +175,6 @@ def strip_dead_weights(module: torch.fx.GraphModule) -> int:
     return freed
 
 
-def _quantization_config(mode: str, observer: str, reduce_range: bool) -> Any:
-    from torchao.quantization.pt2e import observer as observers
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        get_default_x86_inductor_quantization_config,
-    )
-
-    config = get_default_x86_inductor_quantization_config(
-        is_qat=mode == "qat", is_dynamic=mode == "dynamic", reduce_range=reduce_range
-    )
-    if mode != "static" or observer == "histogram":
-        return config  # QAT uses fake-quantize modules and dynamic observes nothing: no choice to make
-    ctor = {"minmax": observers.MinMaxObserver, "moving_average": observers.MovingAverageMinMaxObserver}
-    act = config.input_activation
-    act = replace(act, observer_or_fake_quant_ctr=ctor[observer].with_args(eps=2**-12))
-    return replace(config, input_activation=act, output_activation=act)
-
-
-def _quantizer(graph: torch.fx.Graph, config: Any, exclude: Sequence[str], notes: list[str]) -> Any:
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
-
-    quantizer = X86InductorQuantizer().set_global(config)
-    layers = {_module_path(n) for n in graph.nodes if n.op == "call_function"}
-    for entry in exclude:
-        # An entry names a module path (and everything under it) or a layer type ("Linear").
-        paths = {p for p, t in layers if p and (p == entry or p.startswith(entry + ".") or t == entry)}
-        if not paths:
-            notes.append(f"exclude entry '{entry}' matched no layer")
-        for path in sorted(paths):
-            quantizer.set_module_name_qconfig(path, None)
-    return quantizer
-
-
 def quantize_pt2e(
     program: torch.export.ExportedProgram,
     *,
@@ -237,7 +197,7 @@ def quantize_pt2e(
         calibrate: runs calibration batches through the prepared module (eval mode, no_grad); required for
             "static", optional for "qat" (initialises the observers before training).
         train: runs the training loop on the prepared module (train mode); required for "qat".
-        per_channel: must be True: the x86 Inductor lowering takes per-channel int8 weights only.
+        per_channel: must be True: Inductor lowers per-channel int8 weights only (support.X86_PER_TENSOR).
         observer: activation observer for "static": "histogram", "minmax" or "moving_average".
         exclude: module paths ("features.0", a prefix of nested ones) or layer types ("Linear") kept float.
         reduce_range: 7-bit activations; None decides from the CPU (True without VNNI, as torchao advises).
@@ -264,11 +224,7 @@ def quantize_pt2e(
     if mode == "qat" and train is None:
         raise ValueError("QAT needs train: a function that runs the training loop on the prepared model")
     if not per_channel:
-        raise EngineError(
-            "unsupported_combination",
-            "backend x86 quantizes .pt2 weights per channel only (its oneDNN kernels take no per-tensor "
-            "weights): use weight_granularity per_channel, or backend fbgemm for per-tensor weights",
-        )
+        raise EngineError("unsupported_combination", X86_PER_TENSOR)
     if reduce_range is None:
         isa = cpu_info()["isa"]
         reduce_range = not any(flag in isa for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
@@ -280,8 +236,10 @@ def quantize_pt2e(
 
         # pt2e prepares the pre-dispatch graph of a fresh export (what torch.export.export(...).module() is).
         graph_module = torch.export.export(program.module(), example_inputs, dynamic_shapes=shapes).module()
-        config = _quantization_config(mode, observer, reduce_range)
-        quantizer = _quantizer(graph_module.graph, config, exclude, notes)
+        config = quantization_config(mode, observer, reduce_range)
+        quantizer, single = make_quantizer(graph_module.graph, config, exclude, notes)
+        if mode != "dynamic":  # dynamic mode quantizes Linear layers only
+            notes.extend(SINGLE_CHANNEL_NOTE.format(path=path) for path in single)
         prepare = prepare_qat_pt2e if mode == "qat" else prepare_pt2e
         prepared = prepare(graph_module, quantizer)
         if calibrate is not None:
@@ -301,6 +259,9 @@ def quantize_pt2e(
             hint = (
                 "every candidate layer is excluded"
                 if floating and exclude
+                else "its only convolutions have 1 input channel, which stay float with a dynamic batch: use "
+                "backend fbgemm"
+                if single and mode != "dynamic"
                 else "the model has no Conv or Linear layer that the x86 quantizer handles"
             )
             raise EngineError("nothing_quantized", f"{NOTHING}: {hint}")
@@ -328,9 +289,10 @@ def compile_aoti(
 ) -> Path:
     """Compile a program (int8 or fp32) into an AOTInductor package, written atomically.
 
-    Runs under no_grad (without it the package silently keeps fp32 convolutions) with weight freezing.
-    Inductor compiles with TORCHINDUCTOR_COMPILE_THREADS threads (1 when unset: a sandbox that limits
-    processes breaks a compile pool) and caches in TORCHINDUCTOR_CACHE_DIR when set. Takes 10-40 s on 2 cores.
+    Runs under no_grad (without it the package silently keeps fp32 convolutions) with weight freezing, and
+    without debug information (its .so files carry no .debug_* sections). Inductor compiles with
+    TORCHINDUCTOR_COMPILE_THREADS threads (1 when unset: a sandbox that limits processes breaks a compile
+    pool) and caches in TORCHINDUCTOR_CACHE_DIR when set. Takes 10-40 s on 2 cores.
 
     Args:
         program: an ExportedProgram (`quantize_pt2e(...).program`, or the float upload for a same-build
@@ -351,6 +313,9 @@ def compile_aoti(
         # A dynamic batch is compiled for sizes >= 2 (0/1 specialization); the kernels are correct at 1, but
         # AOTI_RUNTIME_CHECK_INPUTS would refuse a batch of 1 without this.
         "aot_inductor.check_lowerbound": False,
+        # On by default, it compiles with -g1: 1.1 MB of DWARF in every .so (1.5 MB of a 1.6 MB package for
+        # a 120 KB CNN), read by profilers, never when the package runs.
+        "aot_inductor.enable_line_tables": False,
     }
 
     def write(temp: Path) -> None:

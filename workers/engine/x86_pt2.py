@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from workers.engine.pipeline import Int8Model, Job
-from workers.engine.verify import fixed_batch
-from workers.engine.x86 import QuantizedProgram, compile_aoti, load_aoti
+from workers.engine.verify import call_model, fixed_batch
+from workers.engine.x86 import QuantizedProgram, compile_aoti, dynamic_shapes_of, load_aoti
 
 __all__ = [
     "aoti_model",
@@ -42,13 +42,23 @@ def example_inputs(job: Job) -> tuple[Any, ...]:
 
 
 def same_build_package(job: Job) -> Any:
-    """The uploaded fp32 program compiled like the int8 one (AOTInductor), loaded; compiled once per job."""
+    """The uploaded fp32 program compiled like the int8 one (AOTInductor), loaded; compiled once per job.
+
+    Like the int8 program, it is re-exported with `example_inputs` first: a package checks the strides its
+    program was exported with, and an upload exported from numpy's `x[:, None]` (stride 0 on the channel) was
+    refused every contiguous input. It is run once here, so that a failure costs only the comparison.
+    """
     if "fp32_aoti" not in job.cache:
+        program, example = job.loaded.program, example_inputs(job)
+        with torch.no_grad():
+            fresh = torch.export.export(program.module(), example, dynamic_shapes=dynamic_shapes_of(program))
         folder = Path(tempfile.mkdtemp(prefix=".fp32-", dir=job.out_dir))
         try:  # the loaded package keeps its own extracted copy: the file can go
-            job.cache["fp32_aoti"] = load_aoti(compile_aoti(job.loaded.program, folder / FP32_PACKAGE))
+            package = load_aoti(compile_aoti(fresh, folder / FP32_PACKAGE))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+        call_model(package, job.random_batch(len(example[0]), job.config.seed), by_name=False)
+        job.cache["fp32_aoti"] = package
     return job.cache["fp32_aoti"]
 
 
