@@ -45,7 +45,7 @@ def _job(stack: Stack, **body: Any) -> dict[str, Any]:
     return job
 
 
-def test_static_and_qat_keep_digits_accuracy(stack: Stack, digits: Digits) -> None:
+def test_static_and_qat_keep_digits_accuracy(stack: Stack, digits: Digits, tmp_path: Path) -> None:
     model = _upload(stack, "models", digits.pt2)
     train = _upload(stack, "datasets", digits.train)
     test = _upload(stack, "datasets", digits.test)
@@ -73,6 +73,22 @@ def test_static_and_qat_keep_digits_accuracy(stack: Stack, digits: Digits) -> No
         assert job["metrics"]["size"]["ratio"] > 2.5
         assert job["manifest"]["mode"] == job["mode"]
     assert static["manifest"]["calibration_samples"] > 0
+    # The same static job on x86: an AOTInductor package (the grayscale input conv stays float, as noted).
+    x86 = _job(
+        stack,
+        model_id=model["id"],
+        mode="static",
+        backend="x86",
+        calibration_dataset_id=train["id"],
+        eval_dataset_id=test["id"],
+    )
+    assert x86["backend"]["chosen"] == "x86" and abs(x86["metrics"]["accuracy"]["delta"]) <= 1.0
+    assert any("1 input channel" in w for w in x86["metrics"]["warnings"])
+    # The accuracy in each report is what the downloaded file gives, loaded the way its snippet says.
+    for job in (static, qat, x86):
+        assert _downloaded_accuracy(stack, job, digits, tmp_path) == pytest.approx(
+            job["metrics"]["accuracy"]["int8"], abs=0.5
+        )
 
     missing = stack.client.post(
         "/v1/jobs", json={"model_id": model["id"], "mode": "qat", "train_dataset_id": test["id"]} | FBGEMM
@@ -80,6 +96,25 @@ def test_static_and_qat_keep_digits_accuracy(stack: Stack, digits: Digits) -> No
     assert missing.status_code == 202  # test split has labels too: accepted
     no_labels = stack.client.post("/v1/jobs", json={"model_id": model["id"], "mode": "static"} | FBGEMM)
     assert no_labels.status_code == 422 and no_labels.json()["error"] == "dataset_required"
+
+
+def _downloaded_accuracy(stack: Stack, job: dict[str, Any], digits: Digits, tmp_path: Path) -> float:
+    [artifact] = [a for a in job["artifacts"] if a["name"].startswith("model.int8")]
+    path = tmp_path / f"{job['id']}-{artifact['name']}"
+    path.write_bytes(stack.client.get(artifact["url"]).content)
+    if path.name.endswith(".aoti.pt2"):
+        import os
+
+        os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"
+        model = torch._inductor.aoti_load_package(str(path))
+    else:
+        torch.backends.quantized.engine = job["metrics"]["environment"]["engine"]
+        model = torch.jit.load(str(path))
+    data = np.load(digits.test)
+    x, labels = torch.from_numpy(data["x"]), torch.from_numpy(data["labels"])
+    with torch.no_grad():
+        scores = torch.cat([model(x[i : i + 64]) for i in range(0, len(x), 64)])
+    return 100.0 * float((scores.argmax(1) == labels).float().mean())
 
 
 def test_torchscript_static_with_an_image_folder_calibration_set(stack: Stack, tmp_path: Path) -> None:
