@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ WORKER_PROTECTIONS: list[str] = []
 celery = queue.get_celery()
 
 Stored = TypeVar("Stored", Model, Dataset)
+PROGRESS_EVERY_S = 0.5
 ARTIFACT_FORMATS = {".ts": "torchscript", ".pt2": "aoti_package", ".json": "json", ".html": "html"}
 
 
@@ -131,9 +133,18 @@ def run_job(job_id: str) -> None:
         work.mkdir(parents=True, exist_ok=True)
         (work / "spec.json").write_text(json.dumps(spec))
 
+        written_at, written_stage = 0.0, ""
+
         def relay(stage: str | None, percent: float | None, message: str | None) -> bool:
             if upkeep.handing_back():
                 return True  # the worker is shutting down and the grace period is over
+            # A runner may report every batch: within one stage, write at most every PROGRESS_EVERY_S (the
+            # runner would otherwise wait on the database through its stdout pipe). Heartbeats always write.
+            nonlocal written_at, written_stage
+            now = time.monotonic()
+            if stage is not None and stage == written_stage and now - written_at < PROGRESS_EVERY_S:
+                return False
+            written_at, written_stage = now, stage or written_stage
             with session_scope() as session:
                 return job_service.record_progress(
                     session, job_id, worker_id, lease_s, stage, percent, message
