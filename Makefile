@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # where a looser pin could pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ lint: install
 # .venv/bin first on PATH: the tests call its tools (hadolint, qaas) as a person would.
 test: install lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
+
+# Prints the benchmark tables and writes them to bench/RESULTS.md (20-30 minutes on 2 cores; see bench/README.md).
+bench: install
+	$(BIN)/pip install --quiet -e ".[bench]" "$(TORCH)"
+	$(BIN)/python -m bench.run --markdown bench/RESULTS.md
 
 
 clean:
