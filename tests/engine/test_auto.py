@@ -174,3 +174,40 @@ def test_an_error_about_the_request_stops_auto_at_once(
         quantize(mlp_ts, DynamicConfig(backend="auto"), out_dir=tmp_path, input_shapes=TS_SHAPES)
     assert info.value.code == "dataset_mismatch" and tried == ["fbgemm"]
     assert list(tmp_path.iterdir()) == []
+
+
+class SharedReLU(nn.Module):
+    """One nn.ReLU module called twice, as torchvision's ResNet blocks do: torchao 0.18's x86 quantizer
+    raises ValueError ("Input partition has more than one output node") on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.conv1(x))
+        y = self.relu(self.conv2(y) + y)
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.skipif(not X86_PT2, reason="needs torchao and a C++ compiler (AOTInductor)")
+def test_a_model_the_x86_quantizer_cannot_take_is_refused_and_auto_keeps_fbgemm(tmp_path: Path) -> None:
+    from workers.engine.config import StaticConfig
+
+    torch.manual_seed(0)
+    path = export_pt2(SharedReLU(), torch.randn(2, 3, 8, 8), tmp_path / "shared.pt2")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32))
+    options = {"benchmark": FAST_BENCHMARK, "calibration_batches": 2}
+    with pytest.raises(EngineError) as info:
+        quantize(path, StaticConfig(backend="x86", **options), out_dir=tmp_path / "x86", calibration=calib)
+    assert info.value.code == "unsupported_combination"
+    assert "use backend fbgemm" in info.value.message and "ValueError" in info.value.message
+    result = quantize(
+        path, StaticConfig(backend="auto", **options), out_dir=tmp_path / "auto", calibration=calib
+    )
+    assert result.backend == "fbgemm"
+    assert result.metrics["backends"]["x86"]["error"]["code"] == "unsupported_combination"

@@ -72,10 +72,28 @@ def time_candidates(job: Job, built: dict[str, Candidate]) -> dict[str, float]:
     return {name: ms["p50"] for name, ms in timings.items()}
 
 
+def _convert(job: Job, convert: Convert, backend: str) -> Int8Model:
+    """convert(backend); an unexpected failure of the x86 path (torchao's pt2e quantizer or Inductor on a
+    .pt2) is the backend's limit, not the user's mistake nor a qaas bug: it becomes unsupported_combination,
+    which `auto` records before it goes on with fbgemm."""
+    try:
+        return convert(backend)
+    except EngineError:
+        raise
+    except Exception as exc:
+        if backend != "x86" or job.format != "pt2":
+            raise
+        raise EngineError(
+            "unsupported_combination",
+            f"the x86 backend (torchao pt2e and Inductor) failed on this model ({type(exc).__name__}: "
+            f"{str(exc)[:300]}): use backend fbgemm",
+        ) from exc
+
+
 def _single(job: Job, convert: Convert) -> QuantResult:
     check = prepare_verification(job)
     with set_engine(job.backend):
-        made = convert(job.backend)
+        made = _convert(job, convert, job.backend)
         return finish(job, build(job, made, job.out_dir, check))
 
 
@@ -106,7 +124,7 @@ def run(job: Job, convert: Convert, measure: Measure | None = None) -> QuantResu
             job.report = _scaled(report, backend, low + i * step, low + (i + 1) * step)
             try:
                 with set_engine(backend):
-                    cand = build(job, convert(backend), folder / backend, check)
+                    cand = build(job, _convert(job, convert, backend), folder / backend, check)
             except EngineError as exc:
                 if not _about_backend(exc, backend):
                     raise
