@@ -567,9 +567,26 @@ def _resolve_user(name: str) -> tuple[int, int] | None:
 
 
 _disabled: dict[str, str] = {}  # protections that the probe found to break the runner on this host
+_disabled_lock = threading.RLock()  # held while a probe tries the sandbox without one of them
 
 
 def plan_sandbox(
+    *,
+    work_dir: Path,
+    write_dirs: Sequence[Path] = (),
+    read_paths: Sequence[Path] = (),
+    limits: RunnerLimits | None = None,
+    python: str | None = None,
+) -> SandboxPlan:
+    """Decide, in the worker, what the next runner gets (see _plan_sandbox). Waits while a probe is trying the
+    sandbox with one protection off, so that no runner starts with a protection only a trial left off."""
+    with _disabled_lock:
+        return _plan_sandbox(
+            work_dir=work_dir, write_dirs=write_dirs, read_paths=read_paths, limits=limits, python=python
+        )
+
+
+def _plan_sandbox(
     *,
     work_dir: Path,
     write_dirs: Sequence[Path] = (),
@@ -913,17 +930,18 @@ def _probe_with_fallbacks(limits: RunnerLimits) -> _ProbeResult:
     result = _probe(limits, want_torch)
     if result.torch_error is None:
         return result
-    for protection in ("landlock_read", "unprivileged_user", "no_network", "landlock_fs"):
-        if protection in result.gaps or protection in _disabled:
-            continue
-        reason = f"torch could not start under it ({result.torch_error[-300:]})"
-        _disabled[protection] = reason
-        trial = _probe(limits, want_torch)
-        if trial.torch_error is None:
-            log.warning("runner sandbox: %s is off: %s", protection, reason)
-            trial.gaps[protection] = reason
-            return trial
-        del _disabled[protection]
+    with _disabled_lock:  # runners of other threads wait rather than start during a trial
+        for protection in ("landlock_read", "unprivileged_user", "no_network", "landlock_fs"):
+            if protection in result.gaps or protection in _disabled:
+                continue
+            reason = f"torch could not start under it ({result.torch_error[-300:]})"
+            _disabled[protection] = reason
+            trial = _probe(limits, want_torch)
+            if trial.torch_error is None:
+                log.warning("runner sandbox: %s is off: %s", protection, reason)
+                trial.gaps[protection] = reason
+                return trial
+            del _disabled[protection]
     log.error("runner sandbox: a runner cannot start torch here: %s", result.torch_error)
     result.gaps.setdefault("runner", f"torch does not start in a runner: {result.torch_error[-300:]}")
     return result

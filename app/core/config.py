@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     )
     broker_polling_interval_s: float = Field(0.1, gt=0, le=5, description="Embedded SQLite broker polling.")
     worker_concurrency: int = Field(1, ge=1, le=64)
-    heartbeat_s: float = Field(5.0, gt=0, le=300, description="How often a running job renews its lease.")
+    heartbeat_s: float = Field(
+        2.0, gt=0, le=300, description="How often a running job renews its lease and looks for a cancel."
+    )
     max_attempts: int = Field(
         3, ge=1, le=20, description="Claims of one job before it fails with worker_lost."
     )

@@ -23,6 +23,7 @@ RANDOM_BATCH = 4
 EXTRA_BATCHES = (1, 3, 17)
 ACCURACY_BATCH = 64
 MAX_ACCURACY_SAMPLES = 10_000
+MAX_ACCURACY_DROP = 1.0  # points: more is worth a warning
 BUILDS = {"torchscript": "TorchScript", "aoti": "AOTInductor"}
 
 
@@ -138,6 +139,12 @@ def accuracy(job: Job, int8: Any) -> dict[str, float] | None:
     if total < inspect_dataset(job.files[role]).num_samples:
         job.notes.append(f"accuracy is measured on the first {total} {ROLES[role]} samples")
     fp32, int8_acc = 100 * hits["fp32"] / total, 100 * hits["int8"] / total
+    if fp32 - int8_acc > MAX_ACCURACY_DROP:
+        job.notes.append(
+            f"int8 accuracy is {fp32 - int8_acc:.2f} points below fp32 ({int8_acc:.2f} % against {fp32:.2f} %): "
+            "keep the worst layers (per-layer SQNR) in float with options.exclude, or try static with more "
+            "calibration data or QAT"
+        )
     return {"fp32": round(fp32, 3), "int8": round(int8_acc, 3), "delta": round(int8_acc - fp32, 3)}
 
 
