@@ -117,6 +117,7 @@ def memory_hog_pt2(tmp_path: Path) -> Path:
 
 
 @pytest.mark.no_worker
+@pytest.mark.parametrize("stack", ["embedded"], indirect=True)  # the runner's limit, whatever the stack
 def test_a_runner_past_its_memory_limit_fails_once_and_the_worker_goes_on(
     stack: Stack, memory_hog_pt2: Path, pt2_file: Path
 ) -> None:
@@ -163,6 +164,7 @@ def evil_pt2(tmp_path: Path, pt2_file: Path) -> tuple[Path, Path]:
     return target, canary
 
 
+@pytest.mark.parametrize("stack", ["embedded"], indirect=True)
 def test_a_pt2_that_runs_code_when_unpickled_harms_nothing(
     stack: Stack, evil_pt2: tuple[Path, Path], pt2_file: Path
 ) -> None:
