@@ -178,7 +178,8 @@ def test_an_error_about_the_request_stops_auto_at_once(
 
 class SharedReLU(nn.Module):
     """One nn.ReLU module called twice, as torchvision's ResNet blocks do: torchao 0.18's x86 quantizer
-    raises ValueError ("Input partition has more than one output node") on it."""
+    raised ValueError ("Input partition has more than one output node") until each call got a path of its own
+    (x86_quantizer.split_shared_activations)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -193,21 +194,45 @@ class SharedReLU(nn.Module):
         return self.fc(y.mean(dim=(2, 3)))
 
 
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
 @pytest.mark.skipif(not X86_PT2, reason="needs torchao and a C++ compiler (AOTInductor)")
-def test_a_model_the_x86_quantizer_cannot_take_is_refused_and_auto_keeps_fbgemm(tmp_path: Path) -> None:
+def test_a_shared_activation_module_quantizes_on_x86(tmp_path: Path) -> None:
     from workers.engine.config import StaticConfig
 
     torch.manual_seed(0)
     path = export_pt2(SharedReLU(), torch.randn(2, 3, 8, 8), tmp_path / "shared.pt2")
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32))
-    options = {"benchmark": FAST_BENCHMARK, "calibration_batches": 2}
+    config = StaticConfig(backend="x86", benchmark=FAST_BENCHMARK, calibration_batches=2)
+    result = quantize(path, config, out_dir=tmp_path / "x86", calibration=calib)
+    assert (result.backend, result.metrics["layers"]["quantized"], result.metrics["layers"]["float"]) == (
+        "x86",
+        3,
+        0,
+    )
+    assert result.metrics["fidelity"]["cosine"] > 0.99
+
+
+@pytest.mark.skipif(not X86_PT2, reason="needs torchao and a C++ compiler (AOTInductor)")
+def test_a_model_the_x86_quantizer_cannot_take_is_refused_and_auto_keeps_fbgemm(tmp_path: Path) -> None:
+    """torchao 0.18's convert_pt2e fails on nn.TransformerEncoder's fast path (PortNodeMetaForQDQ)."""
+    torch.manual_seed(0)
+    path = export_pt2(Encoder(), torch.randn(2, 5, 16), tmp_path / "encoder.pt2")
     with pytest.raises(EngineError) as info:
-        quantize(path, StaticConfig(backend="x86", **options), out_dir=tmp_path / "x86", calibration=calib)
+        quantize(path, DynamicConfig(backend="x86", benchmark=FAST_BENCHMARK), out_dir=tmp_path / "x86")
     assert info.value.code == "unsupported_combination"
-    assert "use backend fbgemm" in info.value.message and "ValueError" in info.value.message
+    assert "use backend fbgemm" in info.value.message and "PortNodeMetaForQDQ" in info.value.message
     result = quantize(
-        path, StaticConfig(backend="auto", **options), out_dir=tmp_path / "auto", calibration=calib
+        path, DynamicConfig(backend="auto", benchmark=FAST_BENCHMARK), out_dir=tmp_path / "auto"
     )
     assert result.backend == "fbgemm"
     assert result.metrics["backends"]["x86"]["error"]["code"] == "unsupported_combination"

@@ -30,7 +30,13 @@ from qaas.support import X86_PER_TENSOR
 from workers.engine.cpu import cpu_info
 from workers.engine.errors import EngineError
 from workers.engine.result import atomic_write
-from workers.engine.x86_quantizer import SINGLE_CHANNEL_NOTE, make_quantizer, module_path, quantization_config
+from workers.engine.x86_quantizer import (
+    SINGLE_CHANNEL_NOTE,
+    make_quantizer,
+    module_path,
+    quantization_config,
+    split_shared_activations,
+)
 
 __all__ = [
     "ARTIFACT",
@@ -236,6 +242,7 @@ def quantize_pt2e(
 
         # pt2e prepares the pre-dispatch graph of a fresh export (what torch.export.export(...).module() is).
         graph_module = torch.export.export(program.module(), example_inputs, dynamic_shapes=shapes).module()
+        split_shared_activations(graph_module.graph)
         config = quantization_config(mode, observer, reduce_range)
         quantizer, single = make_quantizer(graph_module.graph, config, exclude, notes)
         if mode != "dynamic":  # dynamic mode quantizes Linear layers only

@@ -11,6 +11,7 @@ import torch
 
 __all__ = [
     "SINGLE_CHANNEL_NOTE",
+    "split_shared_activations",
     "make_quantizer",
     "module_path",
     "quantization_config",
@@ -109,3 +110,33 @@ def make_quantizer(
         excluded |= paths
     single = [module_path(node)[0] or node.name for node in single_channel_convs(graph)]
     return quantizer, [path for path in single if path not in excluded]
+
+
+# Activations a model may call through one module several times (torchvision's ResNet blocks call their one
+# nn.ReLU twice). A non-strict export leaves no source_fn_stack, so torch's source partitioner groups nodes by
+# their innermost module path: both calls become one partition with two outputs, and X86InductorQuantizer
+# raises "Input partition has more than one output node".
+SHARED_ACTIVATION_OPS = {
+    "aten.relu.default",
+    "aten.relu_.default",
+    "aten.hardtanh.default",
+    "aten.hardtanh_.default",
+}
+
+
+def split_shared_activations(graph: torch.fx.Graph) -> int:
+    """Give each call of a shared activation module a path of its own ("relu", "relu#2", ...) in its
+    nn_module_stack, so that each call is a partition; returns how many calls were renamed. An activation has
+    no weights: nothing else reads these paths for it."""
+    seen: dict[str, int] = {}
+    renamed = 0
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or str(node.target) not in SHARED_ACTIVATION_OPS or not stack:
+            continue
+        key, (path, cls) = list(stack.items())[-1]
+        seen[path] = seen.get(path, 0) + 1
+        if seen[path] > 1:
+            node.meta["nn_module_stack"] = {**stack, key: (f"{path}#{seen[path]}", cls)}
+            renamed += 1
+    return renamed
