@@ -101,6 +101,11 @@ def _job_spec(job: Job, model: Model, datasets: dict[str, Any]) -> dict[str, Any
 def run_job(job_id: str) -> None:
     """Claim the job, run the runner, store the artifacts, then mark it succeeded in one transaction.
     A second delivery of a claimed or finished job does nothing."""
+    if upkeep.shutting_down():
+        # Taken in before the shutdown began: another worker runs it (the message is acked on return).
+        queue.enqueue(queue.RUN_JOB, job_id)
+        log.info("job %s: this worker is shutting down, sent back to the queue", job_id)
+        return
     settings = get_settings()
     storage = get_storage()
     worker_id = _worker_id()

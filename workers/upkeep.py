@@ -48,6 +48,12 @@ def shutdown_requested(grace_s: float) -> None:
             )
 
 
+def shutting_down() -> bool:
+    """True once a shutdown was asked for: the worker starts no new job (a message it had already taken in,
+    such as a duplicate the reaper sent, goes back to the queue)."""
+    return _shutdown_deadline is not None
+
+
 def handing_back() -> bool:
     """True once the grace period after a shutdown request is over."""
     deadline = _shutdown_deadline
