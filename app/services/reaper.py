@@ -106,20 +106,28 @@ def _expired_leases(session: Session, settings: Settings, now: datetime, reaped:
         log.warning("job %s: lease expired on attempt %s: %s", job_id, attempts, values["message"])
 
 
-def _stale_queued(session: Session, settings: Settings, now: datetime, reaped: Reaped) -> None:
-    before = now - timedelta(seconds=settings.requeue_after_s)
+def _resend_stale(
+    session: Session, cls: Any, status: str, task: str, before: datetime, now: datetime, found: list[str]
+) -> None:
+    """Enqueue again the rows of `cls` in `status` untouched since `before`, touching each (a conditional
+    update: with several reapers, one sends it)."""
     ids = session.scalars(
-        select(Job.id).where(Job.status == "queued", Job.updated_at < before).order_by(Job.id).limit(BATCH)
+        select(cls.id).where(cls.status == status, cls.updated_at < before).order_by(cls.id).limit(BATCH)
     ).all()
-    for job_id in ids:
+    for object_id in ids:
         touched = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "queued", Job.updated_at < before)
+            update(cls)
+            .where(cls.id == object_id, cls.status == status, cls.updated_at < before)
             .values(updated_at=now)
         )
         if touched.rowcount == 1:  # type: ignore[attr-defined]
-            reaped.reenqueued.append(job_id)
-            _enqueue_after_commit(session, queue.RUN_JOB, job_id)
+            found.append(object_id)
+            _enqueue_after_commit(session, task, object_id)
+
+
+def _stale_queued(session: Session, settings: Settings, now: datetime, reaped: Reaped) -> None:
+    before = now - timedelta(seconds=settings.requeue_after_s)
+    _resend_stale(session, Job, "queued", queue.RUN_JOB, before, now, reaped.reenqueued)
 
 
 def _stale_inspections(session: Session, settings: Settings, now: datetime, reaped: Reaped) -> None:
@@ -127,18 +135,7 @@ def _stale_inspections(session: Session, settings: Settings, now: datetime, reap
     wait = max(settings.requeue_after_s, settings.inspect_timeout_s + 60)
     before = now - timedelta(seconds=wait)
     for cls, task in ((Model, queue.INSPECT_MODEL), (Dataset, queue.INSPECT_DATASET)):
-        ids = session.scalars(
-            select(cls.id).where(cls.status == "inspecting", cls.updated_at < before).limit(BATCH)
-        ).all()
-        for object_id in ids:
-            touched = session.execute(
-                update(cls)
-                .where(cls.id == object_id, cls.status == "inspecting", cls.updated_at < before)
-                .values(updated_at=now)
-            )
-            if touched.rowcount == 1:  # type: ignore[attr-defined]
-                reaped.reinspected.append(object_id)
-                _enqueue_after_commit(session, task, object_id)
+        _resend_stale(session, cls, "inspecting", task, before, now, reaped.reinspected)
 
 
 def reap(session: Session, settings: Settings, now: datetime | None = None) -> Reaped:
