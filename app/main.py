@@ -11,9 +11,9 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.guard import GuardMiddleware
 from app.api.routes import datasets, health, jobs, models, reports
 from app.core import errors
-from app.core.config import get_settings
 
 log = logging.getLogger("qaas.api")
 
@@ -26,9 +26,18 @@ STATUS = {
     errors.PayloadTooLarge: 413,
     errors.UnsupportedMediaType: 415,
     errors.RangeNotSatisfiable: 416,
+    errors.Unauthorized: 401,
+    errors.Gone: 410,
+    errors.TooManyRequests: 429,
     errors.ServiceUnavailable: 503,
 }
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 416: "range_not_satisfiable"}
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    400: "bad_request",
+    413: "body_too_large",
+    416: "range_not_satisfiable",
+}
 
 
 def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -44,12 +53,6 @@ def _validation_detail(exc: RequestValidationError) -> str:
 
 
 def create_app() -> FastAPI:
-    if get_settings().auth == "required":
-        # Fail closed: a service that cannot check keys must not run as if it did.
-        raise RuntimeError(
-            "QAAS_AUTH=required, but API keys are not implemented in this version: set QAAS_AUTH=disabled and "
-            "keep the API on a private address"
-        )
     app = FastAPIOffline(
         title="qaas",
         version="0.1.0",
@@ -90,4 +93,6 @@ def create_app() -> FastAPI:
 
     for router in (models.router, datasets.router, jobs.router, reports.router, health.router):
         app.include_router(router)
+    # Outermost: nothing under /v1 runs, and no body is read, before the caller is known.
+    app.add_middleware(GuardMiddleware)
     return app

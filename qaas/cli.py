@@ -34,12 +34,58 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def check_exposure(host: str) -> str | None:
+    """Why the API must not start on `host` with the current settings, or None. Says the auth mode on stderr."""
+    from app.core.config import get_settings
+
+    settings = get_settings()
+    if settings.auth == "required":
+        print(
+            "qaas: every /v1 request needs an API key (QAAS_AUTH=required; qaas keys create)", file=sys.stderr
+        )
+        return None
+    if _is_loopback(host):
+        print(
+            "qaas: authentication is disabled (QAAS_AUTH=disabled): only this machine can reach the API; every "
+            "request acts as the tenant 'default'",
+            file=sys.stderr,
+        )
+        return None
+    if settings.allow_public_no_auth:
+        print(
+            f"qaas: WARNING: authentication is disabled on {host}: ANYONE who can reach it can use the API "
+            "(QAAS_ALLOW_PUBLIC_NO_AUTH=true)",
+            file=sys.stderr,
+        )
+        return None
+    return (
+        f"refusing to listen on {host} with QAAS_AUTH=disabled: anyone who reaches it could use the API. Set "
+        "QAAS_AUTH=required and create keys (qaas keys create --tenant NAME), listen on 127.0.0.1, or set "
+        "QAAS_ALLOW_PUBLIC_NO_AUTH=true if a proxy in front authenticates"
+    )
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     _apply_data_dir(args.data_dir)
+    refusal = check_exposure(args.host)
+    if refusal:
+        print(f"qaas: {refusal}", file=sys.stderr)
+        return 2
+    _run_uvicorn(args.host, args.port)
+    return 0
+
+
+def _run_uvicorn(host: str, port: int) -> None:
     import uvicorn
 
-    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, log_level="info")
-    return 0
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -121,18 +167,11 @@ class _WorkerChild:
 def cmd_serve(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).expanduser().resolve()
     _apply_data_dir(str(data_dir))
-    from app.core.config import get_settings
 
-    settings = get_settings()
-    try:
-        loopback = ipaddress.ip_address(args.host).is_loopback
-    except ValueError:
-        loopback = args.host == "localhost"
-    if settings.auth == "disabled":
-        where = (
-            "only this machine can reach it" if loopback else "ANYONE who can reach this address can use it"
-        )
-        print(f"qaas: authentication is disabled (QAAS_AUTH=disabled): {where}", file=sys.stderr)
+    refusal = check_exposure(args.host)
+    if refusal:
+        print(f"qaas: {refusal}", file=sys.stderr)
+        return 2
     cmd_migrate(argparse.Namespace(data_dir=str(data_dir)))
     worker = _WorkerChild(data_dir)
     worker.start()
@@ -141,7 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     try:
-        cmd_api(argparse.Namespace(data_dir=str(data_dir), host=args.host, port=args.port))
+        _run_uvicorn(args.host, args.port)
     finally:
         worker.stop()
     return 0
@@ -175,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--data-dir", default=None)
     migrate.set_defaults(func=cmd_migrate)
 
-    from qaas import offline
+    from qaas import admin, offline
 
     offline.add_parser(sub)
+    admin.add_parsers(sub)
     return parser
 
 

@@ -28,9 +28,10 @@ def reset_caches() -> None:
     from app.core.config import get_settings
     from app.core.db import get_engine, get_sessionmaker
     from app.core.queue import get_celery
+    from app.core.ratelimit import get_limiter
     from app.core.storage import get_storage
 
-    for cached in (get_sessionmaker, get_engine, get_storage, get_celery, get_settings):
+    for cached in (get_sessionmaker, get_engine, get_storage, get_celery, get_limiter, get_settings):
         if cached is get_engine and cached.cache_info().currsize:
             cached().dispose()
         cached.cache_clear()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 import app.models  # noqa: F401
 from app.core.db import Base
@@ -49,3 +49,41 @@ def test_migration_files_follow_the_naming_rule() -> None:
         assert len(name) > 16 and name[4] == "-" and name[7] == "-" and name[10] == "-" and name[15] == "_", (
             name
         )
+
+
+def test_rows_from_before_tenancy_go_to_the_default_tenant(database_url: str) -> None:
+    upgrade(database_url, "0003")
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO model (id, name, size_bytes, sha256, storage_key, status, created_at, updated_at) "
+                    "VALUES ('mdl_1', 'm', 1, 'x', 'uploads/mdl_1.bin', 'ready', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO job (id, model_id, status, mode, backend_requested, config, idempotency_key, "
+                    "percent, attempts, created_at, updated_at) VALUES ('job_1', 'mdl_1', 'succeeded', 'dynamic', "
+                    "'auto', '{}', 'k1', 100, 1, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+        upgrade(database_url)
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT tenant_id FROM model")).scalar_one() == "ten_default"
+            assert conn.execute(text("SELECT tenant_id FROM job")).scalar_one() == "ten_default"
+            assert conn.execute(text("SELECT name FROM tenant")).scalar_one() == "default"
+            # The idempotency key is now unique per tenant, not across the service.
+            conn.execute(
+                text("INSERT INTO tenant (id, name, created_at) VALUES ('ten_b', 'b', CURRENT_TIMESTAMP)")
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO job (id, tenant_id, model_id, status, mode, backend_requested, config, "
+                    "idempotency_key, percent, attempts, created_at, updated_at) VALUES ('job_2', 'ten_b', "
+                    "'mdl_1', 'queued', 'dynamic', 'auto', '{}', 'k1', 0, 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+    finally:
+        engine.dispose()

@@ -20,7 +20,32 @@ class Settings(BaseSettings):
     broker_url: str = Field(
         "", description="Celery broker; empty means kombu's SQLite transport in DATA_DIR."
     )
-    auth: Literal["disabled", "required"] = "disabled"
+    auth: Literal["disabled", "required"] = Field(
+        "disabled",
+        description="required: every /v1 request needs an API key (qaas keys create); disabled: every request "
+        "acts as the tenant 'default' (refused on a non-loopback address without ALLOW_PUBLIC_NO_AUTH).",
+    )
+    allow_public_no_auth: bool = Field(
+        False, description="Let `qaas serve` / `qaas api` listen on a public address with QAAS_AUTH=disabled."
+    )
+    rate_limit_rps: int = Field(
+        50,
+        ge=0,
+        description="Requests per second per API key (429 above; 0: no limit). Redis-backed when "
+        "Redis is the broker, so it holds across API processes; in-process otherwise.",
+    )
+    quota_active_jobs: int = Field(
+        20, ge=0, description="Queued + running jobs per tenant (429 job_quota_exceeded above; 0: no limit)."
+    )
+    quota_storage_bytes: int = Field(
+        100 * 1024**3,
+        ge=0,
+        description="Uploads + artifacts stored per tenant (429 storage_quota_exceeded above; 0: no limit).",
+    )
+    retention_days: float = Field(
+        0, ge=0, description="Delete uploads and artifacts older than this many days (0: keep them)."
+    )
+    max_json_bytes: int = Field(1024**2, ge=1024, description="Largest body of a non-upload request (413).")
 
     max_upload_bytes: int = Field(2 * 1024**3, ge=1024, description="Largest accepted upload (413 above).")
     upload_chunk_bytes: int = Field(1024 * 1024, ge=4096)

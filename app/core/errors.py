@@ -40,6 +40,18 @@ class UnsupportedMediaType(QaasError):
     code = "unsupported_media_type"
 
 
+class Unauthorized(QaasError):
+    code = "unauthenticated"
+
+
+class TooManyRequests(QaasError):
+    code = "too_many_requests"
+
+
+class Gone(QaasError):
+    code = "gone"
+
+
 class RangeNotSatisfiable(QaasError):
     code = "range_not_satisfiable"
 

@@ -23,3 +23,5 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Set when retention deleted the file: the row stays (the job's record), its download answers 410.
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

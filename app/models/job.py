@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.core.db import Base
@@ -14,9 +14,13 @@ class Job(Base):
     """A quantization job. The row is the truth; the broker only carries its id."""
 
     __tablename__ = "job"
-    __table_args__ = (Index("ix_job_model_id_id", "model_id", "id"),)
+    __table_args__ = (
+        Index("ix_job_model_id_id", "model_id", "id"),
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_job_tenant_id_idempotency_key"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.id", ondelete="RESTRICT"), index=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("model.id", ondelete="RESTRICT"))
     calibration_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("dataset.id", ondelete="RESTRICT"))
     train_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("dataset.id", ondelete="RESTRICT"))
@@ -26,7 +30,7 @@ class Job(Base):
     backend_requested: Mapped[str] = mapped_column(String(16))
     backend_chosen: Mapped[str | None] = mapped_column(String(16))
     config: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_sha256: Mapped[str | None] = mapped_column(String(64))
     stage: Mapped[str | None] = mapped_column(String(32))
     percent: Mapped[float] = mapped_column(Float, default=0.0)

@@ -29,13 +29,20 @@ class ObjectError(BaseModel):
     message: str
 
 
+# What every /v1 route can answer before it runs (app.api.guard): declared on the routers.
+GUARDED = (401, 413, 429)
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, object]]:
     """OpenAPI `responses` entries declaring the one error schema for the given statuses (422 always)."""
     descriptions = {
         400: "Bad request",
+        401: "No API key, or an unknown or revoked one",
+        410: "Deleted by the retention policy (QAAS_RETENTION_DAYS)",
+        429: "Over a quota or the request rate: see Retry-After",
         404: "Not found",
         409: "Conflict with the object's state",
-        413: "Upload larger than QAAS_MAX_UPLOAD_BYTES",
+        413: "Body larger than QAAS_MAX_UPLOAD_BYTES (uploads) or QAAS_MAX_JSON_BYTES",
         415: "Wrong content type",
         416: "Range not satisfiable",
         422: "The request cannot work: the detail says why",

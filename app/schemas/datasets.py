@@ -36,7 +36,7 @@ class DatasetOut(BaseModel):
     format: str | None = None
     size_bytes: int
     sha256: str
-    status: Literal["inspecting", "ready", "invalid"]
+    status: Literal["inspecting", "ready", "invalid", "expired"]
     num_samples: int | None = None
     tensors: dict[str, TensorSpec] | None = None
     has_labels: bool | None = Field(None, description="True when the file holds a `labels` array.")

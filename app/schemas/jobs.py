@@ -96,6 +96,9 @@ class ArtifactOut(BaseModel):
     size_bytes: int
     sha256: str
     url: str
+    expired_at: datetime | None = Field(
+        None, description="When the retention policy deleted the file; its download then answers 410."
+    )
 
 
 class JobOut(BaseModel):

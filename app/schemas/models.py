@@ -49,7 +49,7 @@ class ModelOut(BaseModel):
     format: str | None = Field(None, description="pt2 or torchscript, detected from the content.")
     size_bytes: int
     sha256: str
-    status: Literal["inspecting", "ready", "invalid"]
+    status: Literal["inspecting", "ready", "invalid", "expired"]
     input_shapes: dict[str, Any] | None = None
     inspection: Inspection | None = None
     error: ObjectError | None = None

@@ -39,27 +39,38 @@ def parse_preprocess(raw: str | None) -> dict[str, Any] | None:
     return value
 
 
-def create_dataset(session: Session, storage: LocalStorage, upload: ReceivedUpload) -> Dataset:
+def create_dataset(
+    session: Session, storage: LocalStorage, upload: ReceivedUpload, tenant_id: str
+) -> Dataset:
     """Store the uploaded file under a generated name and queue its inspection (after commit)."""
     preprocess = parse_preprocess(upload.fields.get("preprocess"))
     return stored.record_upload(
-        session, storage, upload, Dataset, prefix="ds", task=queue.INSPECT_DATASET, preprocess=preprocess
+        session,
+        storage,
+        upload,
+        Dataset,
+        tenant_id=tenant_id,
+        prefix="ds",
+        task=queue.INSPECT_DATASET,
+        preprocess=preprocess,
     )
 
 
-def get_dataset(session: Session, dataset_id: str) -> Dataset:
-    return stored.get_stored(session, Dataset, dataset_id)
+def get_dataset(session: Session, dataset_id: str, *, tenant_id: str) -> Dataset:
+    return stored.get_stored(session, Dataset, dataset_id, tenant_id=tenant_id)
 
 
 def list_datasets(
-    session: Session, *, limit: int, cursor: str | None, status: str | None
+    session: Session, *, tenant_id: str, limit: int, cursor: str | None, status: str | None
 ) -> tuple[list[Dataset], str | None]:
-    return stored.list_stored(session, Dataset, limit=limit, cursor=cursor, status=status)
+    return stored.list_stored(
+        session, Dataset, tenant_id=tenant_id, limit=limit, cursor=cursor, status=status
+    )
 
 
-def delete_dataset(session: Session, storage: LocalStorage, dataset_id: str) -> None:
+def delete_dataset(session: Session, storage: LocalStorage, dataset_id: str, *, tenant_id: str) -> None:
     """Delete the dataset; finished jobs keep their results and lose the reference. Refused while in use."""
-    dataset = get_dataset(session, dataset_id)
+    dataset = get_dataset(session, dataset_id, tenant_id=tenant_id)
     uses = or_(*(column == dataset_id for column in _DATASET_COLUMNS))
     active = session.scalar(select(Job.id).where(uses, Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1))
     if active is not None:

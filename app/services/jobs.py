@@ -9,18 +9,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core import queue
 from app.core.config import Settings
 from app.core.db import after_commit
-from app.core.errors import Conflict, InvalidRequest, NotFound, not_found
+from app.core.errors import Conflict, Gone, InvalidRequest, NotFound, not_found
 from app.core.ids import new_id
 from app.models import Artifact, Dataset, Job, JobMetrics
 from app.models.common import utcnow
 from app.schemas.jobs import JobCreate
+from app.services import quotas
 from app.services.datasets import get_dataset
 from app.services.models import get_model
 from app.services.pagination import paginate
@@ -34,13 +35,18 @@ def _request_digest(request: JobCreate) -> str:
     return hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def _ready_dataset(session: Session, dataset_id: str, role: str) -> Dataset:
-    dataset = get_dataset(session, dataset_id)
+def _ready_dataset(session: Session, dataset_id: str, role: str, tenant_id: str) -> Dataset:
+    dataset = get_dataset(session, dataset_id, tenant_id=tenant_id)
     if dataset.status == "inspecting":
         raise Conflict(
             f"the {role} dataset {dataset_id} is still being inspected: poll GET /v1/datasets/{dataset_id} "
             "until it is ready",
             code="dataset_not_ready",
+        )
+    if dataset.status == "expired":
+        raise Conflict(
+            f"the {role} dataset {dataset_id} was deleted by the retention policy: upload it again",
+            code="dataset_expired",
         )
     if dataset.status == "invalid":
         raise Conflict(
@@ -50,16 +56,26 @@ def _ready_dataset(session: Session, dataset_id: str, role: str) -> Dataset:
     return dataset
 
 
+def _same_key(tenant_id: str, idempotency_key: str | None) -> Select[Any]:
+    return select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
+
+
 def create_job(
-    session: Session, settings: Settings, request: JobCreate, idempotency_key: str | None
+    session: Session,
+    settings: Settings,
+    request: JobCreate,
+    idempotency_key: str | None,
+    *,
+    tenant_id: str,
 ) -> tuple[Job, bool]:
-    """Validate against the stored model and datasets, insert the job, enqueue its id after commit.
+    """Validate against the stored model and datasets, check the tenant's quotas, insert the job, enqueue
+    its id after commit.
 
     Returns (job, created); a repeated Idempotency-Key with the same body returns the first job.
     """
     digest = _request_digest(request)
     if idempotency_key is not None:
-        existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        existing = session.scalar(_same_key(tenant_id, idempotency_key))
         if existing is not None:
             if existing.request_sha256 != digest:
                 raise Conflict(
@@ -68,7 +84,11 @@ def create_job(
                 )
             return existing, False
 
-    model = get_model(session, request.model_id)
+    model = get_model(session, request.model_id, tenant_id=tenant_id)
+    if model.status == "expired":
+        raise Conflict(
+            f"model {model.id} was deleted by the retention policy: upload it again", code="model_expired"
+        )
     if model.status == "inspecting":
         raise Conflict(
             f"model {model.id} is still being inspected: poll GET /v1/models/{model.id} until its status is ready",
@@ -107,7 +127,7 @@ def create_job(
     for role, dataset_id in roles.items():
         if dataset_id is None:
             continue
-        dataset = _ready_dataset(session, dataset_id, role)
+        dataset = _ready_dataset(session, dataset_id, role, tenant_id)
         if dataset.format == "jsonl":
             # Text is tokenized at job time by the model's own tokenizer: only a Hugging Face upload has one.
             if not (model.inspection.get("hf") or {}).get("tokenizer"):
@@ -126,10 +146,13 @@ def create_job(
                 code="labels_required",
             )
 
+    quotas.check_active_jobs(session, settings, tenant_id)
+    quotas.check_storage(session, settings, tenant_id)
     timeout_s = min(request.timeout_s or settings.job_timeout_s, settings.job_timeout_s)
     config = request.model_dump(mode="json", exclude={"model_id"}) | {"timeout_s": timeout_s}
     job = Job(
         id=new_id("job"),
+        tenant_id=tenant_id,
         model_id=model.id,
         calibration_dataset_id=request.calibration_dataset_id,
         train_dataset_id=request.train_dataset_id,
@@ -150,7 +173,7 @@ def create_job(
     except IntegrityError:
         # Two requests with the same Idempotency-Key raced; the loser answers like a repeat.
         session.rollback()
-        existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        existing = session.scalar(_same_key(tenant_id, idempotency_key))
         if existing is None or existing.request_sha256 != digest:
             raise
         return existing, False
@@ -159,17 +182,24 @@ def create_job(
     return job, True
 
 
-def get_job(session: Session, job_id: str) -> Job:
+def get_job(session: Session, job_id: str, *, tenant_id: str) -> Job:
+    """The caller's job; another tenant's answers exactly like a missing one."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or job.tenant_id != tenant_id:
         raise not_found("job", job_id)
     return job
 
 
 def list_jobs(
-    session: Session, *, limit: int, cursor: str | None, status: str | None, model_id: str | None
+    session: Session,
+    *,
+    tenant_id: str,
+    limit: int,
+    cursor: str | None,
+    status: str | None,
+    model_id: str | None,
 ) -> tuple[list[Job], str | None]:
-    query = select(Job)
+    query = select(Job).where(Job.tenant_id == tenant_id)
     if status:
         query = query.where(Job.status == status)
     if model_id:
@@ -181,21 +211,27 @@ def artifacts_of(session: Session, job_id: str) -> list[Artifact]:
     return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
 
 
-def get_artifact(session: Session, job_id: str, name: str) -> Artifact:
-    get_job(session, job_id)
+def get_artifact(session: Session, job_id: str, name: str, *, tenant_id: str) -> Artifact:
+    get_job(session, job_id, tenant_id=tenant_id)
     artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
     if artifact is None:
         names = ", ".join(a.name for a in artifacts_of(session, job_id)) or "none yet"
         raise NotFound(
             f"job {job_id} has no artifact named '{name}' (it has: {names})", code="artifact_not_found"
         )
+    if artifact.expired_at is not None:
+        raise Gone(
+            f"the artifact {name} of job {job_id} was deleted by the retention policy on "
+            f"{artifact.expired_at:%Y-%m-%d}: run the job again",
+            code="artifact_expired",
+        )
     return artifact
 
 
-def cancel_job(session: Session, job_id: str) -> Job:
+def cancel_job(session: Session, job_id: str, *, tenant_id: str) -> Job:
     """Queued jobs end at once; a running job is flagged and its worker stops the runner within seconds."""
     job = session.get(Job, job_id, with_for_update=True)
-    if job is None:
+    if job is None or job.tenant_id != tenant_id:
         raise not_found("job", job_id)
     if job.status in TERMINAL:
         raise Conflict(

@@ -50,27 +50,34 @@ def parse_input_shapes(raw: str | None) -> dict[str, list[int | None]] | None:
     return value
 
 
-def create_model(session: Session, storage: LocalStorage, upload: ReceivedUpload) -> Model:
+def create_model(session: Session, storage: LocalStorage, upload: ReceivedUpload, tenant_id: str) -> Model:
     """Store the uploaded file under a generated name and queue its inspection (after commit)."""
     input_shapes = parse_input_shapes(upload.fields.get("input_shapes"))
     return stored.record_upload(
-        session, storage, upload, Model, prefix="mdl", task=queue.INSPECT_MODEL, input_shapes=input_shapes
+        session,
+        storage,
+        upload,
+        Model,
+        tenant_id=tenant_id,
+        prefix="mdl",
+        task=queue.INSPECT_MODEL,
+        input_shapes=input_shapes,
     )
 
 
-def get_model(session: Session, model_id: str) -> Model:
-    return stored.get_stored(session, Model, model_id)
+def get_model(session: Session, model_id: str, *, tenant_id: str) -> Model:
+    return stored.get_stored(session, Model, model_id, tenant_id=tenant_id)
 
 
 def list_models(
-    session: Session, *, limit: int, cursor: str | None, status: str | None
+    session: Session, *, tenant_id: str, limit: int, cursor: str | None, status: str | None
 ) -> tuple[list[Model], str | None]:
-    return stored.list_stored(session, Model, limit=limit, cursor=cursor, status=status)
+    return stored.list_stored(session, Model, tenant_id=tenant_id, limit=limit, cursor=cursor, status=status)
 
 
-def delete_model(session: Session, storage: LocalStorage, model_id: str) -> None:
+def delete_model(session: Session, storage: LocalStorage, model_id: str, *, tenant_id: str) -> None:
     """Delete the model with its finished jobs and their artifacts; refused while a job is in progress."""
-    model = get_model(session, model_id)
+    model = get_model(session, model_id, tenant_id=tenant_id)
     active = session.scalar(
         select(Job.id).where(Job.model_id == model_id, Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1)
     )

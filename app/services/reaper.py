@@ -20,18 +20,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core import queue
 from app.core.config import Settings
 from app.core.db import after_commit
 from app.core.storage import get_storage
-from app.models import Dataset, Job, Model, Worker
+from app.models import Artifact, Dataset, Job, Model, Worker
 from app.models.common import utcnow
 
 log = logging.getLogger("qaas.reaper")
 
+ACTIVE = ("queued", "running")
 BATCH = 200  # rows looked at per kind and pass
 FORGET_WORKERS_AFTER = timedelta(days=1)
 
@@ -45,9 +46,12 @@ class Reaped:
     cancelled: list[str] = field(default_factory=list)
     reenqueued: list[str] = field(default_factory=list)
     reinspected: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)  # retention: model, dataset and artifact ids
 
     def __bool__(self) -> bool:
-        return any((self.requeued, self.lost, self.cancelled, self.reenqueued, self.reinspected))
+        return any(
+            (self.requeued, self.lost, self.cancelled, self.reenqueued, self.reinspected, self.expired)
+        )
 
 
 def _enqueue_after_commit(session: Session, task: str, object_id: str) -> None:
@@ -138,13 +142,63 @@ def _stale_inspections(session: Session, settings: Settings, now: datetime, reap
         _resend_stale(session, cls, "inspecting", task, before, now, reaped.reinspected)
 
 
+def _retention(session: Session, settings: Settings, now: datetime, reaped: Reaped) -> None:
+    """Files older than QAAS_RETENTION_DAYS: each row is marked in this transaction and its file deleted only
+    after the commit, so no row ever points at a missing file (a crash between leaves an orphan file, not a
+    broken row). Uploads a queued or running job uses wait until it ends."""
+    cutoff = now - timedelta(days=settings.retention_days)
+    storage = get_storage()
+    old_artifacts = session.execute(
+        select(Artifact.id, Artifact.storage_key)
+        .join(Job, Job.id == Artifact.job_id)
+        .where(Artifact.expired_at.is_(None), Job.finished_at < cutoff)
+        .limit(BATCH)
+    ).all()
+    for artifact_id, key in old_artifacts:
+        marked = session.execute(
+            update(Artifact)
+            .where(Artifact.id == artifact_id, Artifact.expired_at.is_(None))
+            .values(expired_at=now)
+        )
+        if marked.rowcount == 1:  # type: ignore[attr-defined]
+            reaped.expired.append(artifact_id)
+            after_commit(session, functools.partial(storage.delete, key))
+    in_use: dict[Any, Any] = {
+        Model: exists().where(Job.model_id == Model.id, Job.status.in_(ACTIVE)),
+        Dataset: exists().where(
+            or_(
+                Job.calibration_dataset_id == Dataset.id,
+                Job.train_dataset_id == Dataset.id,
+                Job.eval_dataset_id == Dataset.id,
+            ),
+            Job.status.in_(ACTIVE),
+        ),
+    }
+    for cls, used in in_use.items():
+        old = select(cls.id, cls.storage_key).where(cls.expired_at.is_(None), cls.created_at < cutoff, ~used)
+        for object_id, key in session.execute(old.limit(BATCH)).all():
+            marked = session.execute(
+                update(cls)
+                .where(cls.id == object_id, cls.expired_at.is_(None))
+                .values(status="expired", expired_at=now)
+            )
+            if marked.rowcount == 1:  # type: ignore[attr-defined]
+                reaped.expired.append(object_id)
+                after_commit(session, functools.partial(storage.delete, key))
+    if reaped.expired:
+        log.info("retention (%s days): deleted the files of %s", settings.retention_days, reaped.expired)
+
+
 def reap(session: Session, settings: Settings, now: datetime | None = None) -> Reaped:
-    """One pass over lost jobs, stale queued jobs and stale inspections; enqueues after the caller commits."""
+    """One pass over lost jobs, stale queued jobs, stale inspections and, with QAAS_RETENTION_DAYS, old files;
+    enqueues and deletes files after the caller commits."""
     now = now or utcnow()
     reaped = Reaped()
     _expired_leases(session, settings, now, reaped)
     _stale_queued(session, settings, now, reaped)
     _stale_inspections(session, settings, now, reaped)
+    if settings.retention_days > 0:
+        _retention(session, settings, now, reaped)
     session.execute(
         delete(Worker).where(
             or_(

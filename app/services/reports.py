@@ -27,9 +27,9 @@ LOW_SQNR_DB, FAIR_SQNR_DB = 20.0, 30.0
 # --- reading --------------------------------------------------------------------------------------------------
 
 
-def get_reported_job(session: Session, job_id: str) -> Job:
+def get_reported_job(session: Session, job_id: str, *, tenant_id: str) -> Job:
     """The job, once it has metrics; `report_not_found` before that."""
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, tenant_id=tenant_id)
     if job.metrics is None:
         raise NotFound(
             f"job {job_id} has no report yet (status {job.status}): poll the job", code="report_not_found"
@@ -38,11 +38,12 @@ def get_reported_job(session: Session, job_id: str) -> Job:
 
 
 def model_jobs(
-    session: Session, model_id: str, *, limit: int, cursor: str | None
+    session: Session, model_id: str, *, tenant_id: str, limit: int, cursor: str | None
 ) -> tuple[Model, list[Job], str | None]:
     """A model and one page of its jobs, newest first (metrics come with them: Job.metrics is selectin)."""
-    model = get_model(session, model_id)
-    rows, next_cursor = paginate(session, select(Job).where(Job.model_id == model_id), Job.id, limit, cursor)
+    model = get_model(session, model_id, tenant_id=tenant_id)
+    query = select(Job).where(Job.model_id == model_id, Job.tenant_id == tenant_id)
+    rows, next_cursor = paginate(session, query, Job.id, limit, cursor)
     return model, rows, next_cursor
 
 

@@ -26,6 +26,7 @@ def record_upload(
     upload: ReceivedUpload,
     cls: type[T],
     *,
+    tenant_id: str,
     prefix: str,
     task: str,
     **columns: Any,
@@ -37,6 +38,7 @@ def record_upload(
     storage.commit(upload.file.tmp_path, key)
     row = cls(
         id=object_id,
+        tenant_id=tenant_id,
         name=(upload.fields.get("name") or upload.file.filename)[:200],
         size_bytes=upload.file.size_bytes,
         sha256=upload.file.sha256,
@@ -50,17 +52,18 @@ def record_upload(
     return row
 
 
-def get_stored(session: Session, cls: type[T], object_id: str) -> T:
+def get_stored(session: Session, cls: type[T], object_id: str, *, tenant_id: str) -> T:
+    """The caller's object; another tenant's answers exactly like a missing one."""
     row = session.get(cls, object_id)
-    if row is None:
+    if row is None or row.tenant_id != tenant_id:
         raise not_found(cls.__tablename__, object_id)
     return row
 
 
 def list_stored(
-    session: Session, cls: type[T], *, limit: int, cursor: str | None, status: str | None
+    session: Session, cls: type[T], *, tenant_id: str, limit: int, cursor: str | None, status: str | None
 ) -> tuple[list[T], str | None]:
-    query = select(cls)
+    query = select(cls).where(cls.tenant_id == tenant_id)
     if status:
         query = query.where(cls.status == status)
     return paginate(session, query, cls.id, limit, cursor)

@@ -227,3 +227,64 @@ def test_the_embedded_broker_forgets_delivered_messages(client: TestClient, serv
 def conn_rows(engine):  # type: ignore[no-untyped-def]
     with engine.connect() as conn:
         return conn.execute(text("SELECT payload FROM kombu_message")).all()
+
+
+def test_retention_marks_rows_then_deletes_their_files(
+    client: TestClient, service_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.models import Artifact, Dataset
+    from tests.api.test_reports import finish_job
+
+    monkeypatch.setenv("QAAS_RETENTION_DAYS", "1")
+    get_settings.cache_clear()
+    storage = get_storage()
+    old_model, busy_model, new_model = (make_ready_model(client) for _ in range(3))
+    dataset_id = upload(client, "/v1/datasets", b"calibration").json()["id"]
+    done = submit(client, old_model)
+    finish_job(done, service_env, {"size": {"fp32_bytes": 100, "int8_bytes": 25}})
+    busy = submit(client, busy_model)
+    long_ago = utcnow() - timedelta(days=2)
+    with session_scope() as session:
+        for cls, object_id in ((Model, old_model), (Model, busy_model), (Dataset, dataset_id)):
+            session.execute(update(cls).where(cls.id == object_id).values(created_at=long_ago))
+        session.execute(update(Job).where(Job.id == done).values(finished_at=long_ago))
+        keys = {
+            object_id: session.get(cls, object_id).storage_key  # type: ignore[union-attr]
+            for cls, object_id in (
+                (Model, old_model),
+                (Model, busy_model),
+                (Model, new_model),
+                (Dataset, dataset_id),
+            )
+        }
+        artifact_key = session.scalars(select(Artifact.storage_key).where(Artifact.job_id == done)).one()
+    used_before = client.get("/v1/capabilities").json()["tenant"]["storage_bytes"]
+
+    reaped = reap()
+    assert {old_model, dataset_id} <= set(reaped.expired) and len(reaped.expired) == 3
+    assert not storage.path(keys[old_model]).exists() and not storage.path(keys[dataset_id]).exists()
+    assert not storage.path(artifact_key).exists()
+    # In use by a queued job, or young: kept.
+    assert storage.path(keys[busy_model]).exists() and storage.path(keys[new_model]).exists()
+    assert client.get(f"/v1/models/{busy_model}").json()["status"] == "ready"
+
+    model = client.get(f"/v1/models/{old_model}").json()
+    assert model["status"] == "expired"
+    assert client.get(f"/v1/datasets/{dataset_id}").json()["status"] == "expired"
+    gone = client.get(f"/v1/models/{old_model}/file")
+    assert gone.status_code == 410 and gone.json()["error"] == "model_expired"
+    gone = client.get(f"/v1/jobs/{done}/artifacts/model.int8.ts")
+    assert gone.status_code == 410 and gone.json()["error"] == "artifact_expired"
+    job = client.get(f"/v1/jobs/{done}").json()
+    assert job["status"] == "succeeded" and job["metrics"] is not None  # the record of the job stays
+    assert job["artifacts"][0]["expired_at"] is not None
+    refused = client.post("/v1/jobs", json={"model_id": old_model, "mode": "dynamic"})
+    assert refused.status_code == 409 and refused.json()["error"] == "model_expired"
+    used_after = client.get("/v1/capabilities").json()["tenant"]["storage_bytes"]
+    assert used_after < used_before
+
+    assert reap().expired == []  # nothing is marked twice
+    # Once its job ends, the busy model goes too.
+    with session_scope() as session:
+        job_service.cancel_job(session, busy, tenant_id="ten_default")
+    assert reap().expired == [busy_model]

@@ -76,18 +76,3 @@ def test_database_down_is_503_not_500(tmp_path, monkeypatch) -> None:
             assert listed.headers["retry-after"] == "5"
     finally:
         reset_caches()
-
-
-def test_auth_required_fails_closed_until_keys_exist(tmp_path, monkeypatch) -> None:
-    import pytest
-
-    from app.main import create_app
-    from tests.conftest import configure, reset_caches
-
-    monkeypatch.setenv("QAAS_AUTH", "required")
-    configure(monkeypatch, tmp_path / "var")
-    try:
-        with pytest.raises(RuntimeError, match="API keys are not implemented"):
-            create_app()
-    finally:
-        reset_caches()

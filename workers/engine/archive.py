@@ -11,9 +11,10 @@ import os
 import warnings
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from qaas.archives import ArchiveLimits, ArchiveRefused, check_zip_file
 from workers.engine.errors import EngineError
 
 __all__ = [
@@ -28,11 +29,12 @@ __all__ = [
     "open_zip",
 ]
 
-MAX_ENTRIES = 10_000
-MAX_TOTAL_UNCOMPRESSED = 16 * 1024**3
+# The rules are qaas.archives' (the API checks every upload with them too); these name its limits here.
+MAX_ENTRIES = ArchiveLimits.max_entries
+MAX_TOTAL_UNCOMPRESSED = ArchiveLimits.max_total_uncompressed
 # A deflated entry this many times larger than its compressed size is a zip bomb, not model weights.
-MAX_RATIO = 200
-RATIO_CHECK_MIN_BYTES = 1024**2
+MAX_RATIO = ArchiveLimits.max_ratio
+RATIO_CHECK_MIN_BYTES = ArchiveLimits.ratio_min_bytes
 NATIVE_SUFFIXES = (".so", ".dll", ".dylib", ".cpp", ".pyd")
 LISTED_NAMES = 8
 
@@ -66,14 +68,12 @@ EXPORT_HINT = (
 )
 
 
-def _unsafe_name(name: str) -> bool:
-    if "\x00" in name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        return True
-    return ".." in PurePosixPath(name.replace("\\", "/")).parts
-
-
 def check_zip(zf: zipfile.ZipFile, *, code: str, what: str) -> list[str]:
     """Refuse archives that are too big, too many, compressed like a bomb or escaping with their paths.
+
+    The rules are qaas.archives.check_zip_file's, applied to the archive's file (its structures, not zf's
+    entry list): entry count, total and per-entry expansion, unsafe paths, symbolic links, encryption, a
+    damaged directory and the headers of `.safetensors` entries.
 
     Args:
         zf: the open archive.
@@ -86,31 +86,24 @@ def check_zip(zf: zipfile.ZipFile, *, code: str, what: str) -> list[str]:
     Raises:
         EngineError: with `code` when a limit is broken.
     """
-    infos = zf.infolist()
-    if len(infos) > MAX_ENTRIES:
-        raise EngineError(
-            code, f"the {what} archive has {len(infos)} entries; at most {MAX_ENTRIES} are accepted"
-        )
-    total = 0
-    for info in infos:
-        if _unsafe_name(info.filename):
-            raise EngineError(code, f"the {what} archive has an unsafe entry path {info.filename!r}")
-        if info.flag_bits & 0x1:
-            raise EngineError(
-                code, f"the {what} archive entry {info.filename!r} is encrypted: zip it without a password"
-            )
-        total += info.file_size
-        ratio_suspect = info.compress_size > 0 and info.file_size / info.compress_size > MAX_RATIO
-        if info.file_size > RATIO_CHECK_MIN_BYTES and ratio_suspect:
-            raise EngineError(
-                code, f"the {what} archive entry {info.filename!r} expands more than {MAX_RATIO}x"
-            )
-    if total > MAX_TOTAL_UNCOMPRESSED:
-        raise EngineError(
-            code,
-            f"the {what} archive expands to {total} bytes; at most {MAX_TOTAL_UNCOMPRESSED} are accepted",
-        )
-    return [info.filename for info in infos]
+    limits = ArchiveLimits(
+        max_entries=MAX_ENTRIES,
+        max_total_uncompressed=MAX_TOTAL_UNCOMPRESSED,
+        max_ratio=MAX_RATIO,
+        ratio_min_bytes=RATIO_CHECK_MIN_BYTES,
+    )
+    source = zf.filename if zf.filename is not None else zf.fp
+    if source is None:
+        raise ValueError("check_zip needs an open archive")
+    try:
+        check_zip_file(source, limits)
+    except ArchiveRefused as exc:
+        # qaas.archives' zip messages begin with "the archive": name it ("the model archive").
+        message = exc.message
+        if message.startswith("the archive"):
+            message = f"the {what} archive{message[len('the archive') :]}"
+        raise EngineError(code, message) from exc
+    return zf.namelist()
 
 
 def open_zip(path: str | Path) -> zipfile.ZipFile | None:

@@ -14,10 +14,13 @@ from sqlalchemy.orm import Session
 from app.api.deps import require_broker
 from app.core.config import Settings
 from app.core.db import get_sessionmaker
-from app.core.errors import BadRequest, RangeNotSatisfiable
+from app.core.errors import BadRequest, InvalidRequest, RangeNotSatisfiable
 from app.core.storage import LocalStorage
 from app.models import Dataset, Model
-from app.services.uploads import ReceivedUpload, receive_upload
+from app.services import quotas
+from app.services.auth import Caller
+from app.services.uploads import MULTIPART_OVERHEAD_BYTES, ReceivedUpload, receive_upload
+from qaas import archives
 
 T = TypeVar("T", Model, Dataset)
 OutT = TypeVar("OutT", bound=BaseModel)
@@ -58,14 +61,36 @@ def stored_out(row: Model | Dataset, out: type[OutT]) -> OutT:
     return out.model_validate(fields | {"error": error})
 
 
+def _check_room(settings: Settings, caller: Caller, declared: int) -> None:
+    """Before a byte is read: the broker is up and the tenant has room for what the request says it sends."""
+    require_broker(settings)
+    with get_sessionmaker()() as session:
+        quotas.check_storage(session, settings, caller.tenant_id, max(0, declared - MULTIPART_OVERHEAD_BYTES))
+
+
+def _check_content(upload: ReceivedUpload) -> None:
+    """Zip archives (entry count, expanded size, ratio, paths, links) and safetensors headers, checked before
+    anything keeps the file: the runner checks again before it reads one."""
+    assert upload.file is not None
+    try:
+        archives.check_upload(upload.file.tmp_path, upload.file.filename)
+    except archives.ArchiveRefused as exc:
+        raise InvalidRequest(exc.message, code=exc.code) from None
+
+
 def _record(
     storage: LocalStorage,
+    settings: Settings,
+    caller: Caller,
     upload: ReceivedUpload,
-    create: Callable[[Session, LocalStorage, ReceivedUpload], T],
+    create: Callable[[Session, LocalStorage, ReceivedUpload, str], T],
     out: type[OutT],
 ) -> OutT:
+    _check_content(upload)
+    assert upload.file is not None
     with get_sessionmaker()() as session:
-        row = create(session, storage, upload)
+        quotas.check_storage(session, settings, caller.tenant_id, upload.file.size_bytes)
+        row = create(session, storage, upload, caller.tenant_id)
         response = stored_out(row, out)
         try:
             session.commit()
@@ -79,13 +104,16 @@ async def handle_upload(
     request: Request,
     settings: Settings,
     storage: LocalStorage,
+    caller: Caller,
     *,
     fields: set[str],
-    create: Callable[[Session, LocalStorage, ReceivedUpload], T],
+    create: Callable[[Session, LocalStorage, ReceivedUpload, str], T],
     out: type[OutT],
 ) -> OutT:
-    """Check the broker, stream the body to disk, then record it in a worker thread (sync database code)."""
-    await run_in_threadpool(require_broker, settings)
+    """Check the broker and the tenant's storage quota, stream the body to disk, check its content, then
+    record it in a worker thread (sync database code). The caller was authenticated before (app.api.guard)."""
+    declared = request.headers.get("content-length", "")
+    await run_in_threadpool(_check_room, settings, caller, int(declared) if declared.isdigit() else 0)
     upload = await receive_upload(
         request.stream(),
         content_type=request.headers.get("content-type"),
@@ -95,7 +123,7 @@ async def handle_upload(
         storage=storage,
     )
     try:
-        return await run_in_threadpool(_record, storage, upload, create, out)
+        return await run_in_threadpool(_record, storage, settings, caller, upload, create, out)
     finally:
         assert upload.file is not None
         upload.file.tmp_path.unlink(missing_ok=True)

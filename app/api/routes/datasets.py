@@ -5,13 +5,14 @@ from typing import Literal
 from fastapi import APIRouter, Request, Response, status
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep
+from app.api.guard import CallerDep
 from app.api.routes.common import CursorQuery, LimitQuery, handle_upload, multipart_body, stored_out
 from app.models import Dataset
-from app.schemas.common import Page, error_responses
+from app.schemas.common import GUARDED, Page, error_responses
 from app.schemas.datasets import DatasetOut
 from app.services import datasets as service
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=error_responses())
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=error_responses(*GUARDED))
 
 
 def dataset_out(row: Dataset) -> DatasetOut:
@@ -38,7 +39,9 @@ def dataset_out(row: Dataset) -> DatasetOut:
         }
     ),
 )
-async def upload_dataset(request: Request, settings: SettingsDep, storage: StorageDep) -> DatasetOut:
+async def upload_dataset(
+    request: Request, settings: SettingsDep, storage: StorageDep, caller: CallerDep
+) -> DatasetOut:
     """Upload calibration, training or evaluation data: `.npz` or `.safetensors` arrays named after the model's
     inputs (a single input may be `x`) with optional `labels`; an image-folder zip (`<class>/<image>`, with
     `preprocess`); or JSONL text (`{"text": …, "label": …}`) for Hugging Face models. A worker inspects it:
@@ -47,6 +50,7 @@ async def upload_dataset(request: Request, settings: SettingsDep, storage: Stora
         request,
         settings,
         storage,
+        caller,
         fields={"name", "preprocess"},
         create=service.create_dataset,
         out=DatasetOut,
@@ -56,21 +60,24 @@ async def upload_dataset(request: Request, settings: SettingsDep, storage: Stora
 @router.get("", response_model=Page[DatasetOut], summary="List datasets")
 def list_datasets(
     session: SessionDep,
+    caller: CallerDep,
     limit: LimitQuery = 20,
     cursor: CursorQuery = None,
     status: Literal["inspecting", "ready", "invalid"] | None = None,
 ) -> Page[DatasetOut]:
     """Datasets, newest first, one page at a time."""
-    rows, next_cursor = service.list_datasets(session, limit=limit, cursor=cursor, status=status)
+    rows, next_cursor = service.list_datasets(
+        session, tenant_id=caller.tenant_id, limit=limit, cursor=cursor, status=status
+    )
     return Page[DatasetOut](items=[dataset_out(row) for row in rows], next_cursor=next_cursor)
 
 
 @router.get(
     "/{dataset_id}", response_model=DatasetOut, summary="Get a dataset", responses=error_responses(404)
 )
-def get_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
+def get_dataset(dataset_id: str, session: SessionDep, caller: CallerDep) -> DatasetOut:
     """One dataset with its tensors and sample count, or the reason it is invalid."""
-    return dataset_out(service.get_dataset(session, dataset_id))
+    return dataset_out(service.get_dataset(session, dataset_id, tenant_id=caller.tenant_id))
 
 
 @router.delete(
@@ -79,8 +86,8 @@ def get_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
     summary="Delete a dataset",
     responses=error_responses(404, 409),
 )
-def delete_dataset(dataset_id: str, session: SessionDep, storage: StorageDep) -> Response:
+def delete_dataset(dataset_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep) -> Response:
     """Deletes the dataset; finished jobs keep their results. 409 while a queued or running job uses it."""
-    service.delete_dataset(session, storage, dataset_id)
+    service.delete_dataset(session, storage, dataset_id, tenant_id=caller.tenant_id)
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

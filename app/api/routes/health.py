@@ -6,10 +6,11 @@ from fastapi import APIRouter
 from sqlalchemy import text
 
 from app.api.deps import SessionDep, SettingsDep
+from app.api.guard import CallerDep
 from app.core import queue
 from app.core.errors import ServiceUnavailable
-from app.schemas.common import error_responses
-from app.services import reaper
+from app.schemas.common import GUARDED, error_responses
+from app.services import quotas, reaper
 from qaas.support import SUPPORT
 
 router = APIRouter(tags=["service"], responses=error_responses())
@@ -54,13 +55,29 @@ def readyz(session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     return {"status": "ready", "database": "ok", "broker": "ok", "workers": workers}
 
 
-@router.get("/v1/capabilities", summary="What this service can do", responses=error_responses())
-def capabilities(settings: SettingsDep) -> dict[str, Any]:
-    """Formats, modes and backends supported, and the limits that apply."""
+@router.get("/v1/capabilities", summary="What this service can do", responses=error_responses(*GUARDED))
+def capabilities(settings: SettingsDep, session: SessionDep, caller: CallerDep) -> dict[str, Any]:
+    """Formats, modes and backends supported, the limits that apply, and the caller's tenant with its quotas
+    and what it uses of them."""
+    max_jobs, max_bytes = quotas.limits(session, settings, caller.tenant_id)
+    active = quotas.active_jobs(session, caller.tenant_id)
     return {
         "support": {
             fmt: {mode: list(backends) for mode, backends in modes.items() if backends}
             for fmt, modes in SUPPORT.items()
         },
-        "limits": {"max_upload_bytes": settings.max_upload_bytes, "job_timeout_s": settings.job_timeout_s},
+        "limits": {
+            "max_upload_bytes": settings.max_upload_bytes,
+            "max_json_bytes": settings.max_json_bytes,
+            "job_timeout_s": settings.job_timeout_s,
+            "rate_limit_rps": settings.rate_limit_rps if settings.auth == "required" else None,
+            "retention_days": settings.retention_days or None,
+        },
+        "tenant": {
+            "name": caller.tenant_name,
+            "active_jobs": active,
+            "max_active_jobs": max_jobs or None,
+            "storage_bytes": quotas.storage_used(session, caller.tenant_id),
+            "max_storage_bytes": max_bytes or None,
+        },
     }

@@ -7,14 +7,15 @@ from fastapi import APIRouter, Header, Request, Response, status
 from fastapi.responses import FileResponse
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep, require_broker
+from app.api.guard import CallerDep
 from app.api.routes.common import CursorQuery, LimitQuery, check_range
 from app.models import Job
-from app.schemas.common import Page, error_responses
+from app.schemas.common import GUARDED, Page, error_responses
 from app.schemas.jobs import ArtifactOut, BackendOut, JobCreate, JobOut, JobStatus, Progress
 from app.services import jobs as service
 from app.services import reports
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses())
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(*GUARDED))
 
 
 def job_out(job: Job, artifacts: list[Any]) -> JobOut:
@@ -42,6 +43,7 @@ def job_out(job: Job, artifacts: list[Any]) -> JobOut:
                 size_bytes=a.size_bytes,
                 sha256=a.sha256,
                 url=f"/v1/jobs/{job.id}/artifacts/{a.name}",
+                expired_at=a.expired_at,
             )
             for a in artifacts
         ],
@@ -65,13 +67,14 @@ def create_job(
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
+    caller: CallerDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobOut:
     """Checks the model and datasets (ready, shapes, what the mode needs), records the job and queues it.
     Poll the job until `status` is succeeded, failed or cancelled. A repeated `Idempotency-Key` returns the
     first job."""
     require_broker(settings)
-    job, _created = service.create_job(session, settings, body, idempotency_key)
+    job, _created = service.create_job(session, settings, body, idempotency_key, tenant_id=caller.tenant_id)
     session.commit()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_out(job, service.artifacts_of(session, job.id))
@@ -80,6 +83,7 @@ def create_job(
 @router.get("", response_model=Page[JobOut], summary="List jobs")
 def list_jobs(
     session: SessionDep,
+    caller: CallerDep,
     limit: LimitQuery = 20,
     cursor: CursorQuery = None,
     status: JobStatus | None = None,
@@ -87,7 +91,7 @@ def list_jobs(
 ) -> Page[JobOut]:
     """Jobs, newest first, filtered by status and model."""
     rows, next_cursor = service.list_jobs(
-        session, limit=limit, cursor=cursor, status=status, model_id=model_id
+        session, tenant_id=caller.tenant_id, limit=limit, cursor=cursor, status=status, model_id=model_id
     )
     return Page[JobOut](
         items=[job_out(job, service.artifacts_of(session, job.id)) for job in rows], next_cursor=next_cursor
@@ -95,9 +99,10 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Get a job", responses=error_responses(404))
-def get_job(job_id: str, session: SessionDep) -> JobOut:
+def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobOut:
     """Status, progress, metrics, artifacts and, on failure, `error` with a stable code."""
-    return job_out(service.get_job(session, job_id), service.artifacts_of(session, job_id))
+    job = service.get_job(session, job_id, tenant_id=caller.tenant_id)
+    return job_out(job, service.artifacts_of(session, job_id))
 
 
 @router.post(
@@ -107,9 +112,9 @@ def get_job(job_id: str, session: SessionDep) -> JobOut:
     summary="Cancel a job",
     responses=error_responses(404, 409),
 )
-def cancel_job(job_id: str, session: SessionDep) -> JobOut:
+def cancel_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobOut:
     """A queued job is cancelled at once; a running one within seconds (its runner is stopped)."""
-    job = service.cancel_job(session, job_id)
+    job = service.cancel_job(session, job_id, tenant_id=caller.tenant_id)
     session.commit()
     return job_out(job, service.artifacts_of(session, job_id))
 
@@ -119,9 +124,9 @@ def cancel_job(job_id: str, session: SessionDep) -> JobOut:
     summary="The job's full metrics",
     responses=error_responses(404),
 )
-def get_report(job_id: str, session: SessionDep) -> dict[str, Any]:
+def get_report(job_id: str, session: SessionDep, caller: CallerDep) -> dict[str, Any]:
     """Metrics, configuration and manifest of a finished job."""
-    job = reports.get_reported_job(session, job_id)
+    job = reports.get_reported_job(session, job_id, tenant_id=caller.tenant_id)
     assert job.metrics is not None
     return {
         "job_id": job.id,
@@ -143,14 +148,15 @@ def get_report(job_id: str, session: SessionDep) -> dict[str, Any]:
             "description": "The file; Range requests supported.",
         },
         304: {"description": "Not modified (If-None-Match matched the ETag)"},
-        **error_responses(400, 404, 416),
+        **error_responses(400, 404, 410, 416),
     },
 )
 def download_artifact(
-    job_id: str, name: str, request: Request, session: SessionDep, storage: StorageDep
+    job_id: str, name: str, request: Request, session: SessionDep, storage: StorageDep, caller: CallerDep
 ) -> Response:
-    """Streams the file with `ETag` (its sha256) and `Repr-Digest: sha-256=:…:` (RFC 9530)."""
-    artifact = service.get_artifact(session, job_id, name)
+    """Streams the file with `ETag` (its sha256) and `Repr-Digest: sha-256=:…:` (RFC 9530); 410 once the
+    retention policy deleted it."""
+    artifact = service.get_artifact(session, job_id, name, tenant_id=caller.tenant_id)
     etag = f'"{artifact.sha256}"'
     digest = base64.b64encode(bytes.fromhex(artifact.sha256)).decode()
     headers = {"etag": etag, "repr-digest": f"sha-256=:{digest}:", "cache-control": "private, max-age=0"}

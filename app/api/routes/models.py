@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import FileResponse
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep
+from app.api.guard import CallerDep
 from app.api.routes.common import (
     CursorQuery,
     LimitQuery,
@@ -14,12 +15,13 @@ from app.api.routes.common import (
     multipart_body,
     stored_out,
 )
+from app.core.errors import Gone
 from app.models import Model
-from app.schemas.common import Page, error_responses
+from app.schemas.common import GUARDED, Page, error_responses
 from app.schemas.models import ModelOut
 from app.services import models as service
 
-router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses())
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(*GUARDED))
 
 
 def model_out(row: Model) -> ModelOut:
@@ -46,44 +48,60 @@ def model_out(row: Model) -> ModelOut:
         }
     ),
 )
-async def upload_model(request: Request, settings: SettingsDep, storage: StorageDep) -> ModelOut:
+async def upload_model(
+    request: Request, settings: SettingsDep, storage: StorageDep, caller: CallerDep
+) -> ModelOut:
     """Upload a torch.export program (.pt2), a TorchScript archive (with `input_shapes`) or a zipped Hugging
     Face model folder (config.json + safetensors). A worker inspects it: poll until `status` is `ready` (or
     `invalid`, with `error` saying why)."""
     return await handle_upload(
-        request, settings, storage, fields={"name", "input_shapes"}, create=service.create_model, out=ModelOut
+        request,
+        settings,
+        storage,
+        caller,
+        fields={"name", "input_shapes"},
+        create=service.create_model,
+        out=ModelOut,
     )
 
 
 @router.get("", response_model=Page[ModelOut], summary="List models")
 def list_models(
     session: SessionDep,
+    caller: CallerDep,
     limit: LimitQuery = 20,
     cursor: CursorQuery = None,
     status: Literal["inspecting", "ready", "invalid"] | None = None,
 ) -> Page[ModelOut]:
     """Models, newest first, one page at a time."""
-    rows, next_cursor = service.list_models(session, limit=limit, cursor=cursor, status=status)
+    rows, next_cursor = service.list_models(
+        session, tenant_id=caller.tenant_id, limit=limit, cursor=cursor, status=status
+    )
     return Page[ModelOut](items=[model_out(row) for row in rows], next_cursor=next_cursor)
 
 
 @router.get("/{model_id}", response_model=ModelOut, summary="Get a model", responses=error_responses(404))
-def get_model(model_id: str, session: SessionDep) -> ModelOut:
+def get_model(model_id: str, session: SessionDep, caller: CallerDep) -> ModelOut:
     """One model with its inspection (inputs, parameters, layers) or the reason it is invalid."""
-    return model_out(service.get_model(session, model_id))
+    return model_out(service.get_model(session, model_id, tenant_id=caller.tenant_id))
 
 
 @router.get(
     "/{model_id}/file",
     summary="Download the uploaded model file",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(400, 404, 416)},
+    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(400, 404, 410, 416)},
 )
 def download_model_file(
-    model_id: str, request: Request, session: SessionDep, storage: StorageDep
+    model_id: str, request: Request, session: SessionDep, storage: StorageDep, caller: CallerDep
 ) -> FileResponse:
-    """The file exactly as uploaded."""
-    model = service.get_model(session, model_id)
+    """The file exactly as uploaded; 410 once the retention policy deleted it."""
+    model = service.get_model(session, model_id, tenant_id=caller.tenant_id)
+    if model.expired_at is not None:
+        raise Gone(
+            f"model {model_id}'s file was deleted by the retention policy on {model.expired_at:%Y-%m-%d}",
+            code="model_expired",
+        )
     check_range(request.headers.get("range"), model.size_bytes)
     return FileResponse(
         storage.path(model.storage_key),
@@ -99,8 +117,8 @@ def download_model_file(
     summary="Delete a model",
     responses=error_responses(404, 409),
 )
-def delete_model(model_id: str, session: SessionDep, storage: StorageDep) -> Response:
+def delete_model(model_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep) -> Response:
     """Deletes the model, its finished jobs and their artifacts. 409 while one of its jobs is queued or running."""
-    service.delete_model(session, storage, model_id)
+    service.delete_model(session, storage, model_id, tenant_id=caller.tenant_id)
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -14,10 +14,11 @@ from fastapi.responses import HTMLResponse
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from app.api.deps import SessionDep
+from app.api.guard import CallerDep
 from app.api.routes.common import CursorQuery, LimitQuery
 from app.models import Job
 from app.models.common import utcnow
-from app.schemas.common import ErrorBody, Page, error_responses
+from app.schemas.common import GUARDED, ErrorBody, Page, error_responses
 from app.schemas.jobs import BackendOut
 from app.schemas.reports import ModelJobOut
 from app.services import reports as service
@@ -104,13 +105,13 @@ def model_job_out(job: Job) -> ModelJobOut:
     tags=["jobs"],
     response_class=HTMLResponse,
     summary="The job's report page",
-    responses=html_responses(404),
+    responses=html_responses(404, *GUARDED),
 )
-def job_report_page(job_id: str, session: SessionDep) -> HTMLResponse:
+def job_report_page(job_id: str, session: SessionDep, caller: CallerDep) -> HTMLResponse:
     """Headline numbers, latency and per-layer SQNR charts, warnings, environment, configuration, manifest,
     artifacts and the load snippet, as one page that loads nothing else. 404 `report_not_found` until the
     job has metrics."""
-    job = service.get_reported_job(session, job_id)
+    job = service.get_reported_job(session, job_id, tenant_id=caller.tenant_id)
     return _page(
         "report.html", job=job, artifacts=artifacts_of(session, job.id), **service.report_context(job)
     )
@@ -121,13 +122,15 @@ def job_report_page(job_id: str, session: SessionDep) -> HTMLResponse:
     tags=["models"],
     response_model=Page[ModelJobOut],
     summary="Compare a model's jobs",
-    responses=error_responses(404),
+    responses=error_responses(404, *GUARDED),
 )
 def list_model_jobs(
-    model_id: str, session: SessionDep, limit: LimitQuery = 100, cursor: CursorQuery = None
+    model_id: str, session: SessionDep, caller: CallerDep, limit: LimitQuery = 100, cursor: CursorQuery = None
 ) -> Page[ModelJobOut]:
     """The model's jobs, newest first, side by side: mode, backend, size ×, speedup ×, fidelity, accuracy."""
-    _model, jobs, next_cursor = service.model_jobs(session, model_id, limit=limit, cursor=cursor)
+    _model, jobs, next_cursor = service.model_jobs(
+        session, model_id, tenant_id=caller.tenant_id, limit=limit, cursor=cursor
+    )
     return Page[ModelJobOut](items=[model_job_out(job) for job in jobs], next_cursor=next_cursor)
 
 
@@ -136,13 +139,15 @@ def list_model_jobs(
     tags=["models"],
     response_class=HTMLResponse,
     summary="The model's page: its jobs side by side",
-    responses=html_responses(404),
+    responses=html_responses(404, *GUARDED),
 )
 def model_jobs_page(
-    model_id: str, session: SessionDep, limit: LimitQuery = 100, cursor: CursorQuery = None
+    model_id: str, session: SessionDep, caller: CallerDep, limit: LimitQuery = 100, cursor: CursorQuery = None
 ) -> HTMLResponse:
     """The comparison as a table, the best value of each column marked, each row linking to its report."""
-    model, jobs, next_cursor = service.model_jobs(session, model_id, limit=limit, cursor=cursor)
+    model, jobs, next_cursor = service.model_jobs(
+        session, model_id, tenant_id=caller.tenant_id, limit=limit, cursor=cursor
+    )
     return _page(
         "model_jobs.html",
         model=model,
