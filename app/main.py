@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.guard import GuardMiddleware
@@ -74,6 +75,13 @@ def create_app() -> FastAPI:
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(PoolTimeoutError)
+    async def _pool_exhausted(_request: Request, exc: PoolTimeoutError) -> JSONResponse:
+        log.warning("no database connection free: %s", exc)
+        return _error(
+            503, "dependency_unavailable", "the database is overloaded: retry shortly", {"Retry-After": "5"}
+        )
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)

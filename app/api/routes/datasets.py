@@ -4,7 +4,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Request, Response, status
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep
+from app.api.deps import ReleasingRoute, SessionDep, SettingsDep, StorageDep
 from app.api.guard import CallerDep
 from app.api.routes.common import CursorQuery, LimitQuery, handle_upload, multipart_body, stored_out
 from app.models import Dataset
@@ -12,7 +12,9 @@ from app.schemas.common import GUARDED, Page, error_responses
 from app.schemas.datasets import DatasetOut
 from app.services import datasets as service
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=error_responses(*GUARDED))
+router = APIRouter(
+    route_class=ReleasingRoute, prefix="/v1/datasets", tags=["datasets"], responses=error_responses(*GUARDED)
+)
 
 
 def dataset_out(row: Dataset) -> DatasetOut:

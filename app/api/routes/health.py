@@ -5,7 +5,7 @@ from typing import Any
 from fastapi import APIRouter
 from sqlalchemy import text
 
-from app.api.deps import SessionDep, SettingsDep
+from app.api.deps import ReleasingRoute, SessionDep, SettingsDep
 from app.api.guard import CallerDep
 from app.core import queue
 from app.core.errors import ServiceUnavailable
@@ -13,7 +13,7 @@ from app.schemas.common import GUARDED, error_responses
 from app.services import quotas, reaper
 from qaas.support import SUPPORT
 
-router = APIRouter(tags=["service"], responses=error_responses())
+router = APIRouter(route_class=ReleasingRoute, tags=["service"], responses=error_responses())
 
 
 @router.get("/healthz", summary="Liveness")

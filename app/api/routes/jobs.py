@@ -6,7 +6,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response, status
 from fastapi.responses import FileResponse
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep, require_broker
+from app.api.deps import ReleasingRoute, SessionDep, SettingsDep, StorageDep, require_broker
 from app.api.guard import CallerDep
 from app.api.routes.common import CursorQuery, LimitQuery, check_range
 from app.models import Job
@@ -15,7 +15,9 @@ from app.schemas.jobs import ArtifactOut, BackendOut, JobCreate, JobOut, JobStat
 from app.services import jobs as service
 from app.services import reports
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(*GUARDED))
+router = APIRouter(
+    route_class=ReleasingRoute, prefix="/v1/jobs", tags=["jobs"], responses=error_responses(*GUARDED)
+)
 
 
 def job_out(job: Job, artifacts: list[Any]) -> JobOut:

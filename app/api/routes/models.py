@@ -5,7 +5,7 @@ from typing import Literal
 from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import FileResponse
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep
+from app.api.deps import ReleasingRoute, SessionDep, SettingsDep, StorageDep
 from app.api.guard import CallerDep
 from app.api.routes.common import (
     CursorQuery,
@@ -21,7 +21,9 @@ from app.schemas.common import GUARDED, Page, error_responses
 from app.schemas.models import ModelOut
 from app.services import models as service
 
-router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(*GUARDED))
+router = APIRouter(
+    route_class=ReleasingRoute, prefix="/v1/models", tags=["models"], responses=error_responses(*GUARDED)
+)
 
 
 def model_out(row: Model) -> ModelOut:

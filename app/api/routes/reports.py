@@ -13,7 +13,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from app.api.deps import SessionDep
+from app.api.deps import ReleasingRoute, SessionDep
 from app.api.guard import CallerDep
 from app.api.routes.common import CursorQuery, LimitQuery
 from app.models import Job
@@ -24,7 +24,7 @@ from app.schemas.reports import ModelJobOut
 from app.services import reports as service
 from app.services.jobs import artifacts_of
 
-router = APIRouter(responses=error_responses())
+router = APIRouter(route_class=ReleasingRoute, responses=error_responses())
 
 PAGE_HEADERS = {
     "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
