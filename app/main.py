@@ -11,6 +11,7 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.api.guard import GuardMiddleware
 from app.api.routes import datasets, health, jobs, models, reports
@@ -53,6 +54,21 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "; ".join(parts) + " (see the schema at /docs)"
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    # FastAPI 0.165 wraps included routers, which have no `methods`: ask each route about each method.
+    return [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+
+
 def create_app() -> FastAPI:
     app = FastAPIOffline(
         title="qaas",
@@ -72,9 +88,13 @@ def create_app() -> FastAPI:
         return _error(422, "validation_error", _validation_detail(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # Starlette names only the first matching route's methods; FastAPI has one route per method.
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        return _error(exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(PoolTimeoutError)
     async def _pool_exhausted(_request: Request, exc: PoolTimeoutError) -> JSONResponse:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,20 +39,26 @@ class JobOptions(_Strict):
 
 
 class BenchmarkOptions(_Strict):
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1, max_length=8)
+    batch_sizes: list[Annotated[int, Field(ge=1, le=256)]] = Field(
+        default_factory=lambda: [1, 8], min_length=1, max_length=8
+    )
     threads: int = Field(1, ge=1, le=64)
     iterations: int = Field(50, ge=1, le=10_000)
 
-    def model_post_init(self, _context: Any) -> None:
-        for size in self.batch_sizes:
-            if not 1 <= size <= 256:
-                raise ValueError(f"benchmark batch size {size} is out of range: use 1 to 256")
+
+def _requires(mode: str, field: str) -> dict[str, Any]:
+    """JSON Schema: a `mode` that needs a dataset names it (what create_job refuses with dataset_required)."""
+    return {
+        "if": {"properties": {"mode": {"const": mode}}, "required": ["mode"]},
+        "then": {"required": [field], "properties": {field: {"type": "string"}}},
+    }
 
 
 class JobCreate(_Strict):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
+            "allOf": [_requires("static", "calibration_dataset_id"), _requires("qat", "train_dataset_id")],
             "examples": [
                 {"model_id": "mdl_01jf3k9v2q8x7w6t5r4p3n2m1", "mode": "dynamic", "backend": "fbgemm"},
                 {
@@ -63,7 +69,7 @@ class JobCreate(_Strict):
                     "benchmark": {"batch_sizes": [1, 8], "threads": 1, "iterations": 50},
                     "timeout_s": 1800,
                 },
-            ]
+            ],
         },
     )
     model_id: str = Field(max_length=40)

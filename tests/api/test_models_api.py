@@ -111,7 +111,7 @@ def test_list_paginates_with_cursor(client: TestClient) -> None:
         if cursor is None:
             break
     assert seen == list(reversed(ids))
-    assert client.get("/v1/models", params={"cursor": "!!!"}).json()["error"] == "invalid_cursor"
+    assert client.get("/v1/models", params={"cursor": "!!!"}).json()["error"] == "validation_error"
     assert client.get("/v1/models", params={"limit": 0}).status_code == 422
 
 
@@ -136,3 +136,16 @@ def test_delete_model_removes_file(client: TestClient, service_env: Path) -> Non
     assert client.delete(f"/v1/models/{model_id}").status_code == 204
     assert client.get(f"/v1/models/{model_id}").status_code == 404
     assert list((service_env / "uploads").iterdir()) == []
+
+
+def test_a_file_removed_outside_qaas_is_410_not_500(client: TestClient, service_env) -> None:
+    model_id = client.post("/v1/models", files={"file": ("m.pt2", b"model")}).json()["id"]
+    (service_env / "uploads" / f"{model_id}.bin").unlink()
+    response = client.get(f"/v1/models/{model_id}/file")
+    assert response.status_code == 410 and response.json()["error"] == "file_missing"
+
+
+def test_405_lists_every_method_of_the_path(client: TestClient) -> None:
+    response = client.request("OPTIONS", "/v1/models/mdl_x")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "DELETE, GET"

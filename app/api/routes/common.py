@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Query, Request
@@ -14,11 +15,12 @@ from sqlalchemy.orm import Session
 from app.api.deps import require_broker
 from app.core.config import Settings
 from app.core.db import get_sessionmaker
-from app.core.errors import BadRequest, InvalidRequest, RangeNotSatisfiable
+from app.core.errors import BadRequest, Gone, InvalidRequest, RangeNotSatisfiable
 from app.core.storage import LocalStorage
 from app.models import Dataset, Model
 from app.services import quotas
 from app.services.auth import Caller
+from app.services.pagination import CURSOR_PATTERN
 from app.services.uploads import MULTIPART_OVERHEAD_BYTES, ReceivedUpload, receive_upload
 from qaas import archives
 
@@ -26,7 +28,9 @@ T = TypeVar("T", Model, Dataset)
 OutT = TypeVar("OutT", bound=BaseModel)
 
 LimitQuery = Annotated[int, Query(ge=1, le=100, description="Page size.")]
-CursorQuery = Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page.")]
+CursorQuery = Annotated[
+    str | None, Query(pattern=CURSOR_PATTERN, description="next_cursor of the previous page.")
+]
 
 
 def multipart_body(fields: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -35,6 +39,7 @@ def multipart_body(fields: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "file": {
             "type": "string",
             "format": "binary",
+            "minLength": 1,
             "contentMediaType": "application/octet-stream",
             "description": "The file to upload.",
         }
@@ -46,7 +51,12 @@ def multipart_body(fields: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "required": True,
             "content": {
                 "multipart/form-data": {
-                    "schema": {"type": "object", "required": ["file"], "properties": properties},
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": properties,
+                        "additionalProperties": False,
+                    },
                     "encoding": {"file": {"contentType": "application/octet-stream"}},
                 }
             },
@@ -127,6 +137,18 @@ async def handle_upload(
     finally:
         assert upload.file is not None
         upload.file.tmp_path.unlink(missing_ok=True)
+
+
+def existing_file(storage: LocalStorage, key: str) -> Path:
+    """The stored file behind a row, or 410 when it is gone (removed outside qaas: retention marks its rows)."""
+    path = storage.path(key)
+    if not path.is_file():
+        raise Gone(
+            "the stored file is missing from the data directory (removed outside qaas): upload it or run the "
+            "job again, and tell the operator",
+            code="file_missing",
+        )
+    return path
 
 
 _RANGE = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*")

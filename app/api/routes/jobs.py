@@ -8,7 +8,7 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import ReleasingRoute, SessionDep, SettingsDep, StorageDep, require_broker
 from app.api.guard import CallerDep
-from app.api.routes.common import CursorQuery, LimitQuery, check_range
+from app.api.routes.common import CursorQuery, LimitQuery, check_range, existing_file
 from app.models import Job
 from app.schemas.common import GUARDED, Page, error_responses
 from app.schemas.jobs import ArtifactOut, BackendOut, JobCreate, JobOut, JobStatus, Progress
@@ -62,7 +62,7 @@ def job_out(job: Job, artifacts: list[Any]) -> JobOut:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobOut,
     summary="Submit a quantization job",
-    responses=error_responses(404, 409),
+    responses=error_responses(400, 404, 409),
 )
 def create_job(
     body: JobCreate,
@@ -166,7 +166,7 @@ def download_artifact(
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     check_range(request.headers.get("range"), artifact.size_bytes)
     return FileResponse(
-        storage.path(artifact.storage_key),
+        existing_file(storage, artifact.storage_key),
         media_type="application/octet-stream",
         filename=artifact.name,
         headers=headers,

@@ -11,6 +11,7 @@ from app.api.routes.common import (
     CursorQuery,
     LimitQuery,
     check_range,
+    existing_file,
     handle_upload,
     multipart_body,
     stored_out,
@@ -106,7 +107,7 @@ def download_model_file(
         )
     check_range(request.headers.get("range"), model.size_bytes)
     return FileResponse(
-        storage.path(model.storage_key),
+        existing_file(storage, model.storage_key),
         media_type="application/octet-stream",
         filename=model.name,
         headers={"etag": f'"{model.sha256}"'},
