@@ -85,7 +85,11 @@ def cmd_api(args: argparse.Namespace) -> int:
 def _run_uvicorn(host: str, port: int) -> None:
     import uvicorn
 
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+    # Keep idle connections longer than clients do (httpx and most keep 5 s): a server that closes first races
+    # a client reusing the connection, which then sees a reset instead of an answer.
+    uvicorn.run(
+        "app.main:create_app", factory=True, host=host, port=port, log_level="info", timeout_keep_alive=30
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
