@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from app.api.guard import GuardMiddleware
-from app.api.routes import datasets, health, jobs, models, reports
+from app.api.routes import datasets, health, jobs, metrics, models, reports
 from app.core import errors
 
 log = logging.getLogger("qaas.api")
@@ -121,6 +121,7 @@ def create_app() -> FastAPI:
 
     for router in (models.router, datasets.router, jobs.router, reports.router, health.router):
         app.include_router(router)
+    app.include_router(metrics.router)  # GET /metrics: no key, not in the schema
     # Outermost: nothing under /v1 runs, and no body is read, before the caller is known.
     app.add_middleware(GuardMiddleware)
     return app

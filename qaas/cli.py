@@ -85,10 +85,18 @@ def cmd_api(args: argparse.Namespace) -> int:
 def _run_uvicorn(host: str, port: int) -> None:
     import uvicorn
 
+    from app.core import logs
+
     # Keep idle connections longer than clients do (httpx and most keep 5 s): a server that closes first races
     # a client reusing the connection, which then sees a reset instead of an answer.
     uvicorn.run(
-        "app.main:create_app", factory=True, host=host, port=port, log_level="info", timeout_keep_alive=30
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_keep_alive=30,
+        log_config=logs.uvicorn_log_config(),  # JSON logs: uvicorn's lines go through the root handler
     )
 
 
@@ -218,14 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--data-dir", default=None)
     migrate.set_defaults(func=cmd_migrate)
 
-    from qaas import admin, offline
+    from qaas import admin, offline, submit
 
     offline.add_parser(sub)
     admin.add_parsers(sub)
+    submit.add_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.core import logs  # stdlib only: every subcommand, the client ones too
+
+    logs.configure()  # QAAS_LOG_FORMAT: text, or json (one object per line)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)

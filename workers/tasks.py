@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import select
 
-from app.core import queue
+from app.core import logs, queue
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.core.storage import get_storage
@@ -100,7 +100,12 @@ def _job_spec(job: Job, model: Model, datasets: dict[str, Any]) -> dict[str, Any
 @celery.task(name=queue.RUN_JOB)
 def run_job(job_id: str) -> None:
     """Claim the job, run the runner, store the artifacts, then mark it succeeded in one transaction.
-    A second delivery of a claimed or finished job does nothing."""
+    A second delivery of a claimed or finished job does nothing. Its log lines carry job_id and tenant_id."""
+    with logs.log_context(job_id=job_id):
+        _run_job(job_id)
+
+
+def _run_job(job_id: str) -> None:
     if upkeep.shutting_down():
         # Taken in before the shutdown began: another worker runs it (the message is acked on return).
         queue.enqueue(queue.RUN_JOB, job_id)
@@ -115,6 +120,7 @@ def run_job(job_id: str) -> None:
         if job is None:
             log.info("job %s is not queued any more: nothing to do", job_id)
             return
+        logs.bind(tenant_id=job.tenant_id, worker=worker_id)
         model = session.get(Model, job.model_id)
         assert model is not None
         datasets: dict[str, Any] = {"preprocess": {}}
@@ -183,13 +189,16 @@ def run_job(job_id: str) -> None:
                     job_service.hand_back(
                         session, job_id, worker_id, "its worker shut down before it finished"
                     )
+                    log.info("job %s handed back to the queue: this worker is shutting down", job_id)
                 else:
                     job_service.mark_cancelled(session, job_id, worker_id, runner=runner)
+                    log.info("job %s cancelled while running", job_id)
             return
         error = _error_of(outcome)
         if error is not None:
             with session_scope() as session:
                 job_service.fail_job(session, job_id, worker_id, *error, runner=runner)
+            log.warning("job %s failed: %s: %s", job_id, error[0], error[1][:500])
             return
         assert outcome.result is not None
         stored = _store_artifacts(job_id, attempt, work / "out", outcome.result)
@@ -210,6 +219,7 @@ def run_job(job_id: str) -> None:
             for artifact in stored:
                 storage.delete(artifact.storage_key)
         else:  # what earlier attempts of this job left behind, if their workers died while storing
+            log.info("job %s succeeded on %s (attempt %s)", job_id, outcome.result["backend"], attempt)
             ours = f"artifacts/{job_id}/attempt-{attempt}/"
             for folder in {"/".join(k.split("/")[:3]) for k in storage.keys_under(f"artifacts/{job_id}/")}:
                 if not ours.startswith(folder + "/"):

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from app.api.deps import require_broker
+from app.core import metrics
 from app.core.config import Settings
 from app.core.db import get_sessionmaker
 from app.core.errors import BadRequest, Gone, InvalidRequest, RangeNotSatisfiable
@@ -107,6 +108,7 @@ def _record(
         except Exception:
             storage.delete(row.storage_key)
             raise
+        metrics.count_upload("model" if isinstance(row, Model) else "dataset", upload.file.size_bytes)
         return response
 
 

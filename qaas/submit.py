@@ -1,0 +1,504 @@
+"""`qaas submit` and `qaas jobs`: the command line of the client. It talks HTTP to a server through
+qaas.client (no torch, no server code) and draws progress with rich on a terminal, plain lines elsewhere.
+
+Exit codes: 0 the job succeeded (or was submitted, without --wait); 1 it failed, was cancelled, an upload is
+invalid or the server refused the request; 2 a usage error (arguments, missing files, a server URL that is
+wrong or does not answer); 130 interrupted (the job goes on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:  # imported when a command runs: `qaas serve` and `qaas --help` need no httpx
+    from qaas.client import Client, Dataset, Job, Model
+
+TIMEOUT_GRACE_S = 30  # --wait outlasts --timeout by this much, so the server's own time limit is what shows
+
+
+class UsageError(Exception):
+    """Wrong arguments: exit 2."""
+
+
+def add_parsers(sub: Any) -> None:
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument(
+        "--server", metavar="URL", help="the qaas URL (default: $QAAS_SERVER, else http://127.0.0.1:8000)"
+    )
+    connection.add_argument("--key", help="API key (default: $QAAS_API_KEY)")
+
+    submit = sub.add_parser(
+        "submit",
+        parents=[connection],
+        help="upload a model (and datasets) to a server and quantize it there",
+        description="Upload MODEL and the datasets, wait until the server has inspected them, submit a job; "
+        "with --wait, follow it, print its numbers and download its artifacts (checked by sha256). "
+        "Exit 0 succeeded, 1 failed, 2 usage error.",
+    )
+    submit.add_argument("model", type=Path, help="a .pt2, a TorchScript file or a zipped Hugging Face folder")
+    submit.add_argument("--mode", choices=("dynamic", "static", "qat"), default="dynamic")
+    submit.add_argument("--backend", choices=("auto", "fbgemm", "x86"), default="auto")
+    submit.add_argument("--calib", metavar="FILE", type=Path, help="calibration dataset (static)")
+    submit.add_argument("--train", metavar="FILE", type=Path, help="training dataset with labels (qat)")
+    submit.add_argument(
+        "--eval", metavar="FILE", type=Path, help="evaluation dataset (labels give an accuracy)"
+    )
+    submit.add_argument(
+        "--input-shapes", metavar="JSON", help='TorchScript only: JSON such as {"x": [null, 64]}'
+    )
+    submit.add_argument(
+        "--options", metavar="JSON", help='job options as JSON, e.g. {"exclude": ["head"], "seed": 1}'
+    )
+    submit.add_argument(
+        "--benchmark", metavar="JSON", help='benchmark as JSON, e.g. {"batch_sizes": [1, 32]}'
+    )
+    submit.add_argument("--wait", action="store_true", help="follow the job, print its numbers, download")
+    submit.add_argument(
+        "-o", "--out", metavar="DIR", type=Path, help="with --wait: artifact folder (./qaas-<job id>)"
+    )
+    submit.add_argument(
+        "--timeout",
+        metavar="S",
+        type=int,
+        help="the job's time limit in seconds (timeout_s); --wait waits 30 s longer",
+    )
+    submit.set_defaults(func=_guarded(cmd_submit))
+
+    jobs = sub.add_parser("jobs", help="list, show, cancel jobs on a server; print or save their reports")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    listing = jobs_sub.add_parser("list", parents=[connection], help="the newest jobs, one line each")
+    listing.add_argument("--status", choices=("queued", "running", "succeeded", "failed", "cancelled"))
+    listing.add_argument("--limit", type=int, default=20, help="how many (default 20; 0: all)")
+    listing.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
+    listing.set_defaults(func=_guarded(cmd_jobs_list))
+    show = jobs_sub.add_parser("show", parents=[connection], help="status, progress, error, numbers")
+    show.add_argument("job_id")
+    show.add_argument("--json", action="store_true", help="the API's JSON instead of a summary")
+    show.set_defaults(func=_guarded(cmd_jobs_show))
+    wait = jobs_sub.add_parser(
+        "wait", parents=[connection], help="follow a job, print its numbers, download (as submit --wait)"
+    )
+    wait.add_argument("job_id")
+    wait.add_argument(
+        "-o", "--out", metavar="DIR", type=Path, help="artifact folder (default ./qaas-<job id>)"
+    )
+    wait.add_argument("--timeout", metavar="S", type=float, help="give up after this many seconds (exit 1)")
+    wait.set_defaults(func=_guarded(cmd_jobs_wait))
+    cancel = jobs_sub.add_parser("cancel", parents=[connection], help="cancel a queued or running job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(func=_guarded(cmd_jobs_cancel))
+    report = jobs_sub.add_parser("report", parents=[connection], help="the full report as JSON, or its page")
+    report.add_argument("job_id")
+    report.add_argument("--html", type=Path, metavar="FILE", help="save the report page to FILE instead")
+    report.set_defaults(func=_guarded(cmd_jobs_report))
+
+
+def _guarded(command: Callable[[argparse.Namespace, Client], int]) -> Callable[[argparse.Namespace], int]:
+    """Open the client, turn errors into a message and an exit code."""
+
+    def run(args: argparse.Namespace) -> int:
+        from qaas.client import Client, QaasError
+
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # `qaas` logs at INFO: not every request
+        try:
+            client = Client(args.server, api_key=args.key)
+        except ValueError as exc:
+            return _fail(str(exc), code=2)
+        with client:
+            try:
+                _reach(client)
+                return command(args, client)
+            except UsageError as exc:
+                return _fail(str(exc), code=2)
+            except QaasError as exc:
+                hint = " (pass --key or set QAAS_API_KEY)" if exc.status == 401 else ""
+                return _fail(f"{exc.code}: {exc.detail}{hint}")
+            except OSError as exc:  # a download folder or report file that cannot be written
+                return _fail(str(exc))
+            except KeyboardInterrupt:
+                return _fail("interrupted; whatever was submitted goes on (qaas jobs list)", code=130)
+
+    return run
+
+
+def _reach(client: Client) -> None:
+    """A server that does not answer at all is a wrong URL (exit 2); anything that answers will do."""
+    from qaas.client import QaasConnectionError, QaasError
+
+    try:
+        client.health()
+    except QaasConnectionError as exc:
+        raise UsageError(f"{exc.detail}: is the server running? (--server or QAAS_SERVER)") from None
+    except QaasError:
+        pass  # e.g. a proxy in front that only forwards /v1
+
+
+def _fail(message: str, *, code: int = 1) -> int:
+    print(f"qaas: {message}", file=sys.stderr)
+    return code
+
+
+def _json_arg(text: str | None, flag: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag} is not JSON ({exc}): {text!r}") from None
+
+
+# --- progress: rich on a terminal, plain lines in a log --------------------------------------------------
+
+
+class Display:
+    """Progress on `stream` (stderr): rich bars when it is a terminal, one plain line per step otherwise."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+
+    def _progress(self, *columns: Any) -> Any:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        return Progress(*columns, console=Console(file=self.stream), transient=False)
+
+    def line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    @contextmanager
+    def status(self, text: str) -> Iterator[None]:
+        """A spinner while the server works on something that has no progress of its own."""
+        if not self.live:
+            self.line(text)
+            yield
+            return
+        from rich.console import Console
+
+        with Console(file=self.stream).status(text):
+            yield
+
+    @contextmanager
+    def upload(self, path: Path) -> Iterator[Callable[[int, int], None]]:
+        if self.live:
+            from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
+
+            with self._progress(
+                TextColumn(f"uploading {path.name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()
+            ) as bar:
+                task = bar.add_task("upload", total=path.stat().st_size)
+                yield lambda sent, total: bar.update(task, completed=sent, total=total)
+            return
+        shown = [-1]
+
+        def plain(sent: int, total: int) -> None:
+            quarter = 4 * sent // total if total else 4
+            if quarter > shown[0] and (quarter == 4 or total > 4 << 20):  # small files: one line
+                shown[0] = quarter
+                self.line(f"uploading {path.name}: {25 * quarter}% of {_bytes(total)}")
+
+        yield plain
+
+    @contextmanager
+    def job(self, job_id: str) -> Iterator[Callable[[Job], None]]:
+        started = time.monotonic()
+        if self.live:
+            from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+            with self._progress(
+                TextColumn("{task.description:<24}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[message]}", style="dim"),
+            ) as bar:
+                task = bar.add_task(job_id, total=100, message="")
+
+                def draw(job: Job) -> None:
+                    what = f"{job.status} {job.progress.stage or ''}".strip()
+                    message = (job.progress.message or "")[:60]
+                    bar.update(task, description=what, completed=job.progress.percent, message=message)
+
+                yield draw
+            return
+        last: list[Any] = [None, -100.0]
+
+        def plain(job: Job) -> None:
+            step = (job.status, job.progress.stage)
+            if step != last[0] or job.progress.percent - last[1] >= 10 or job.done:
+                last[:] = [step, job.progress.percent]
+                self.line(
+                    f"[{time.monotonic() - started:6.1f} s] {job.status:<9} {job.progress.stage or '-':<12} "
+                    f"{job.progress.percent:5.1f}%  {job.progress.message or ''}"
+                )
+
+        yield plain
+
+
+# --- tables ---------------------------------------------------------------------------------------------
+
+
+def _bytes(count: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.2f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str], align: str = "") -> str:
+    """Columns padded to their widest cell; `align` has an "l" or "r" per column (default: the first
+    left, the others right, as numbers are)."""
+    body = [list(header)] + [list(row) for row in rows]
+    align = align or "l" + "r" * (len(header) - 1)
+    widths = [max(len(row[i]) for row in body) for i in range(len(header))]
+    lines = []
+    for row in body:
+        cells = [
+            cell.ljust(width) if side == "l" else cell.rjust(width)
+            for cell, width, side in zip(row, widths, align, strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _speedup(value: float | None) -> str:
+    if not value:
+        return ""
+    return f"{value:.2f}x faster" if value >= 1 else f"{1 / value:.2f}x slower"
+
+
+def headline(job: Job) -> str:
+    """The job's numbers: size, latency per batch size, fidelity, accuracy, the backend, the warnings.
+
+    Latency compares int8 with the fp32 model as uploaded and, when the server measured it, with fp32
+    compiled the way the int8 model is (TorchScript or AOTInductor): compilation alone can speed a model up.
+    """
+    metrics = job.metrics or {}
+    rows: list[list[str]] = []
+    size = metrics.get("size")
+    if size:
+        ratio = f"{size['ratio']:.2f}x smaller"
+        rows.append(["size", _bytes(size["fp32_bytes"]), _bytes(size["int8_bytes"]), ratio, ""])
+    for row in metrics.get("latency") or []:
+        fp32, int8 = row["fp32_ms"]["p50"], row["int8_ms"]["p50"]
+        label = f"latency p50, batch {row['batch_size']}"
+        same = _speedup(row.get("speedup_same_build"))
+        rows.append([label, f"{fp32:.3f} ms", f"{int8:.3f} ms", _speedup(row["speedup"]), same])
+    fidelity = metrics.get("fidelity") or {}
+    if fidelity.get("sqnr_db") is not None:
+        rows.append(["SQNR (int8 vs fp32)", "", f"{fidelity['sqnr_db']:.1f} dB", "", ""])
+    if fidelity.get("cosine") is not None:
+        rows.append(["cosine (int8 vs fp32)", "", f"{fidelity['cosine']:.5f}", "", ""])
+    accuracy = metrics.get("accuracy")
+    if accuracy:
+        delta = f"{accuracy['delta']:+.2f} points"
+        rows.append(["top-1 accuracy", f"{accuracy['fp32']:.2f} %", f"{accuracy['int8']:.2f} %", delta, ""])
+    header = ["", "fp32", "int8", "change", "vs fp32 compiled alike"]
+    if not any(row[4] for row in rows):
+        header, rows = header[:4], [row[:4] for row in rows]
+    lines = [table(rows, header)] if rows else ["no metrics"]
+    chosen = job.backend_chosen or "not chosen yet"
+    lines.append(f"backend: {chosen} (asked: {job.backend})")
+    if metrics.get("backend_choice"):
+        lines.append(f"  {metrics['backend_choice']}")
+    lines += [f"warning: {warning}" for warning in metrics.get("warnings") or []]
+    return "\n".join(lines)
+
+
+# --- qaas submit ----------------------------------------------------------------------------------------
+
+
+def _existing(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise UsageError(f"{what} {path} is not a file")
+    return path
+
+
+def cmd_submit(args: argparse.Namespace, client: Client) -> int:
+    model_path = _existing(args.model, "the model")
+    data_paths = {
+        role: _existing(path, f"the {role} dataset")
+        for role, path in (("calibration", args.calib), ("train", args.train), ("eval", args.eval))
+        if path is not None
+    }
+    needed = {"static": ("calibration", "--calib"), "qat": ("train", "--train")}.get(args.mode)
+    if needed and needed[0] not in data_paths:
+        # The server refuses it too (422 dataset_required): say so before a long upload.
+        return _fail(
+            f"dataset_required: {args.mode} quantization needs {needed[0]} data: pass {needed[1]} FILE"
+        )
+    input_shapes = _json_arg(args.input_shapes, "--input-shapes")
+    options, benchmark = _json_arg(args.options, "--options"), _json_arg(args.benchmark, "--benchmark")
+    if args.out is not None and not args.wait:
+        raise UsageError("-o/--out needs --wait: artifacts are downloaded once the job has finished")
+    display = Display()
+    # No limit of our own unless asked: the server bounds inspections and jobs (QAAS_INSPECT_TIMEOUT_S,
+    # timeout_s), and a busy worker can keep an upload queued for as long as the job before it runs.
+    limit = args.timeout + TIMEOUT_GRACE_S if args.timeout else None
+
+    with display.upload(model_path) as progress:
+        model = client.upload_model(model_path, input_shapes=input_shapes, progress=progress)
+    datasets: dict[str, Dataset] = {}
+    for role, path in data_paths.items():
+        with display.upload(path) as progress:
+            datasets[role] = client.upload_dataset(path, progress=progress)
+    with display.status("waiting for the server to inspect the uploads"):
+        uploads: list[tuple[Path, Model | Dataset]] = [(model_path, client.wait_model(model, timeout=limit))]
+        uploads += [(data_paths[role], client.wait_dataset(d, timeout=limit)) for role, d in datasets.items()]
+    for path, upload in uploads:
+        if upload.status != "ready":
+            error = upload.error.code + ": " + upload.error.message if upload.error else upload.status
+            return _fail(f"{path} is {upload.status}: {error}")
+
+    job = client.submit(
+        model,
+        mode=args.mode,
+        backend=args.backend,
+        calibration_dataset_id=datasets.get("calibration"),
+        train_dataset_id=datasets.get("train"),
+        eval_dataset_id=datasets.get("eval"),
+        options=options,
+        benchmark=benchmark,
+        timeout_s=args.timeout,
+    )
+    url = f"{client.url}/v1/jobs/{job.id}"
+    if not args.wait:
+        print(job.id)
+        print(url)
+        display.line(f"{job.status}: follow it with `qaas jobs show {job.id}` or GET {url}")
+        return 0
+
+    display.line(f"job {job.id} submitted ({url})")
+    return _follow(client, display, job, args.out, limit)
+
+
+def _follow(client: Client, display: Display, job: Job, out: Path | None, timeout: float | None) -> int:
+    """Follow the job to its end, then print its numbers and download its artifacts (exit 0) or say why it
+    did not succeed (exit 1)."""
+    from qaas.client import WaitTimeout
+
+    try:
+        with display.job(job.id) as follow:
+            job = client.wait(job, timeout=timeout, callback=follow)
+    except WaitTimeout as exc:
+        return _fail(f"job {job.id} {exc.detail}; it goes on: `qaas jobs cancel {job.id}` stops it")
+    except KeyboardInterrupt:
+        return _fail(f"stopped following job {job.id}; it goes on: `qaas jobs cancel {job.id}`", code=130)
+    return _finish(client, job, out or Path(f"qaas-{job.id}"))
+
+
+def _finish(client: Client, job: Job, out: Path) -> int:
+    if job.status != "succeeded":
+        if job.metrics:
+            print(headline(job))
+        reason = f"{job.error.code}: {job.error.message}" if job.error else job.progress.message or ""
+        return _fail(f"job {job.id} {job.status}: {reason}")
+    print(f"job {job.id} succeeded: {job.mode} int8")
+    print(headline(job))
+    for path in client.download_all(job, out):
+        artifact = job.artifact(path.name)
+        print(f"downloaded {path} ({artifact.size_bytes:,} bytes, sha256 {artifact.sha256} checked)")
+    if job.raw.get("load_snippet"):
+        print("load it with:\n" + job.raw["load_snippet"].rstrip())
+    return 0
+
+
+# --- qaas jobs ------------------------------------------------------------------------------------------
+
+
+def _age(job: Job) -> str:
+    return job.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if job.created_at else "-"
+
+
+def cmd_jobs_list(args: argparse.Namespace, client: Client) -> int:
+    if args.limit < 0:
+        raise UsageError("--limit must be 0 (all) or more")
+    jobs = client.jobs(status=args.status, limit=args.limit or None)
+    if args.json:
+        print(json.dumps([job.raw for job in jobs], indent=2))
+        return 0
+    if not jobs:
+        print("no jobs" + (f" {args.status}" if args.status else ""))
+        return 0
+    rows = []
+    for job in jobs:
+        size = (job.metrics or {}).get("size") or {}
+        latency = (job.metrics or {}).get("latency") or [{}]
+        rows.append(
+            [
+                job.id,
+                job.status,
+                job.mode,
+                job.backend_chosen or job.backend,
+                f"{job.progress.percent:.0f}%" if job.status == "running" else "",
+                f"{size['ratio']:.2f}x" if size else "",
+                f"{latency[0]['speedup']:.2f}x" if "speedup" in latency[0] else "",
+                _age(job),
+                job.error.code if job.error else "",
+            ]
+        )
+    header = ["id", "status", "mode", "backend", "progress", "size", "speedup", "created", "error"]
+    print(table(rows, header, align="llllrrrll"))
+    return 0
+
+
+def cmd_jobs_show(args: argparse.Namespace, client: Client) -> int:
+    job = client.job(args.job_id)
+    if args.json:
+        print(json.dumps(job.raw, indent=2))
+        return 0
+    progress = job.progress
+    took = ""
+    if job.finished_at and job.created_at:
+        took = f" in {(job.finished_at - job.created_at).total_seconds():.1f} s"
+    lines = [
+        f"job       {job.id}",
+        f"status    {job.status}{took}",
+        f"progress  {progress.stage or '-'} {progress.percent:.0f}%: {progress.message or ''}",
+        f"mode      {job.mode}, backend {job.backend_chosen or '-'} (asked: {job.backend})",
+        f"model     {job.model_id}",
+        f"created   {_age(job)}",
+    ]
+    if job.error:
+        lines.append(f"error     {job.error.code}: {job.error.message}")
+    print("\n".join(lines))
+    if job.metrics:
+        print(headline(job))
+    for artifact in job.artifacts:
+        print(f"artifact  {artifact.name} ({artifact.size_bytes:,} bytes, sha256 {artifact.sha256})")
+    if job.raw.get("report_html_url"):
+        print(f"report    {client.url}{job.raw['report_html_url']}")
+    return 0
+
+
+def cmd_jobs_wait(args: argparse.Namespace, client: Client) -> int:
+    return _follow(client, Display(), client.job(args.job_id), args.out, args.timeout)
+
+
+def cmd_jobs_cancel(args: argparse.Namespace, client: Client) -> int:
+    job = client.cancel(args.job_id)
+    if job.status == "cancelled":
+        print(f"{job.id} cancelled")
+    else:
+        print(f"{job.id} {job.status}: cancelling; its runner is stopped within seconds")
+    return 0
+
+
+def cmd_jobs_report(args: argparse.Namespace, client: Client) -> int:
+    if args.html is None:
+        print(json.dumps(client.report(args.job_id), indent=2))
+        return 0
+    page = client.report_html(args.job_id)
+    args.html.parent.mkdir(parents=True, exist_ok=True)
+    args.html.write_text(page, encoding="utf-8")
+    print(f"wrote {args.html} ({len(page.encode()):,} bytes)")
+    return 0
