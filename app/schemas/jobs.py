@@ -141,6 +141,10 @@ class JobOut(BaseModel):
     config: dict[str, Any]
     progress: Progress
     attempts: int
+    cancel_requested_at: datetime | None = Field(
+        None,
+        description="Set by POST /cancel; a running job stops within seconds, then its status is cancelled.",
+    )
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -127,6 +127,7 @@ def test_cancel_queued_job_and_conflicts(client: TestClient) -> None:
     response = client.post(f"/v1/jobs/{job_id}/cancel")
     assert response.status_code == 202
     assert response.json()["status"] == "cancelled"
+    assert response.json()["cancel_requested_at"] is not None
     again = client.post(f"/v1/jobs/{job_id}/cancel")
     assert again.status_code == 409 and again.json()["error"] == "job_finished"
     # A cancelled job cannot be claimed by a worker that receives its message late.

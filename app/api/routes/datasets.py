@@ -65,7 +65,7 @@ def list_datasets(
     caller: CallerDep,
     limit: LimitQuery = 20,
     cursor: CursorQuery = None,
-    status: Literal["inspecting", "ready", "invalid"] | None = None,
+    status: Literal["inspecting", "ready", "invalid", "expired"] | None = None,
 ) -> Page[DatasetOut]:
     """Datasets, newest first, one page at a time."""
     rows, next_cursor = service.list_datasets(

@@ -33,6 +33,7 @@ def job_out(job: Job, artifacts: list[Any]) -> JobOut:
         config=job.config,
         progress=Progress(stage=job.stage, percent=job.percent, message=job.message),
         attempts=job.attempts,
+        cancel_requested_at=job.cancel_requested_at,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

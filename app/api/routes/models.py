@@ -74,7 +74,7 @@ def list_models(
     caller: CallerDep,
     limit: LimitQuery = 20,
     cursor: CursorQuery = None,
-    status: Literal["inspecting", "ready", "invalid"] | None = None,
+    status: Literal["inspecting", "ready", "invalid", "expired"] | None = None,
 ) -> Page[ModelOut]:
     """Models, newest first, one page at a time."""
     rows, next_cursor = service.list_models(
