@@ -7,12 +7,13 @@ dependencies, and an upload route must refuse an unauthenticated 1 GB body witho
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPBearer
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -21,6 +22,8 @@ from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.core.ratelimit import get_limiter
 from app.services.auth import ANONYMOUS, Caller, check_key
+
+log = logging.getLogger("qaas.api")
 
 # The streamed multipart uploads: their size is checked against QAAS_MAX_UPLOAD_BYTES while streaming.
 UPLOAD_PATHS = ("/v1/models", "/v1/datasets")
@@ -71,7 +74,8 @@ class GuardMiddleware:
                 return
             try:
                 found, within_rate = await run_in_threadpool(_authenticate, settings, key)
-            except DBAPIError:
+            except SQLAlchemyError as exc:  # unreachable, or every pooled connection busy
+                log.warning("API key not checked: %s", exc)
                 await _json(
                     503,
                     "dependency_unavailable",

@@ -378,3 +378,15 @@ def test_unauthenticated_upload_is_refused_before_its_body_is_read(service_env: 
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_key_that_cannot_be_checked_is_503_not_500(
+    keyed: dict[str, TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database gone while the gate checks a key: 503 dependency_unavailable, never a 500."""
+    monkeypatch.setenv("QAAS_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:1/nothing")
+    reset_caches()
+    response = keyed["a"].get("/v1/models")
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "dependency_unavailable"
+    assert response.headers["retry-after"] == "5"
