@@ -208,8 +208,8 @@ def test_compose_declares_its_named_volumes(compose: dict[str, Any]) -> None:
 def test_env_example_lists_every_variable_the_compose_file_reads() -> None:
     lines = ENV_EXAMPLE.read_text().splitlines()
     assert "POSTGRES_PASSWORD=change-me" in lines
-    documented = {m.group(1) for line in lines if (m := re.match(r"#? ?([A-Z_]+)=", line))}
-    used = set(re.findall(r"\$\{([A-Z_]+)", COMPOSE.read_text()))
+    documented = {m.group(1) for line in lines if (m := re.match(r"#? ?([A-Z][A-Z0-9_]*)=", line))}
+    used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", COMPOSE.read_text()))
     assert used <= documented, f"not in .env.example: {sorted(used - documented)}"
     assert ".env" in (ROOT / ".gitignore").read_text().splitlines(), ".env holds the real password"
 

@@ -793,7 +793,7 @@ _PROBE = r"""
 import json, os, socket, sys, ctypes, resource
 port, outside_file, outside_dir, want_torch = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 found, notes = [], {}
-secret = [k for k in os.environ if k.startswith("QAAS_") or k.endswith(("_URL", "_PASSWORD", "_SECRET", "_TOKEN"))]
+secret = [k for k in os.environ if k.startswith(("QAAS_", "AWS_")) or k.endswith(("_URL", "_PASSWORD", "_SECRET", "_TOKEN"))]
 if not secret:
     found.append("clean_env")
 limits = {"rlimit_as": resource.RLIMIT_AS, "rlimit_cpu": resource.RLIMIT_CPU,

@@ -51,7 +51,7 @@ class RunnerOutcome:
 
 
 def runner_env(threads: int, home: Path) -> dict[str, str]:
-    """No secrets: no database, broker or storage URL reaches the child, nor any QAAS_ variable (supervise
+    """No secrets: no database, broker or storage URL reaches the child, nor any QAAS_ or AWS_ variable (supervise
     adds QAAS_BENCH_LOCK_FD, a descriptor number, when it passes the benchmark lock)."""
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),

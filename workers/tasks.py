@@ -16,7 +16,7 @@ from sqlalchemy import select
 from app.core import logs, queue
 from app.core.config import get_settings
 from app.core.db import session_scope
-from app.core.storage import get_storage
+from app.core.storage import StoredFileMissing, get_storage
 from app.models import Dataset, Job, Model
 from app.services import datasets as dataset_service
 from app.services import jobs as job_service
@@ -52,22 +52,35 @@ def _inspect(cls: type[Stored], object_id: str, command: str) -> None:
         row = session.get(cls, object_id)
         if row is None or row.status != "inspecting":
             return
-        args: list[str] = [command, "--file", str(get_storage().path(row.storage_key))]
+        key = row.storage_key
+        args: list[str] = []
         if isinstance(row, Model) and row.input_shapes is not None:
             args += ["--input-shapes", json.dumps(row.input_shapes)]
         if isinstance(row, Dataset) and row.preprocess is not None:
             args += ["--preprocess", json.dumps(row.preprocess)]
     work = settings.work_dir / f"inspect-{object_id}-{uuid.uuid4().hex[:8]}"
+    service = model_service if cls is Model else dataset_service
     try:
+        try:
+            # The runner reads local files only: an object store's copy lands in its work folder.
+            upload = get_storage().local_copy(key, work / "inputs")
+        except StoredFileMissing as exc:
+            with session_scope() as session:
+                service.record_inspection(
+                    session,
+                    object_id,
+                    result=None,
+                    error=("file_missing", f"the uploaded file is gone: {exc}"),
+                )
+            return
         outcome = run_runner(
-            [*args, "--out", str(work / "out")],
+            [command, "--file", str(upload), *args, "--out", str(work / "out")],
             work_dir=work,
             timeout_s=settings.inspect_timeout_s,
             limits=RunnerLimits.from_settings(settings),
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    service = model_service if cls is Model else dataset_service
     with session_scope() as session:
         service.record_inspection(session, object_id, result=outcome.result, error=_error_of(outcome))
 
@@ -85,9 +98,10 @@ def inspect_dataset(dataset_id: str) -> None:
 
 
 def _job_spec(job: Job, model: Model, datasets: dict[str, Any]) -> dict[str, Any]:
+    """The runner's spec with storage keys where its input files go: `_localize` turns them into paths."""
     config = job.config
     return {
-        "model": str(get_storage().path(model.storage_key)),
+        "model": model.storage_key,
         "input_shapes": model.input_shapes,
         "mode": job.mode,
         "backend": job.backend_requested,
@@ -130,7 +144,7 @@ def _run_job(job_id: str) -> None:
             ("eval", job.eval_dataset_id),
         ):
             dataset = session.get(Dataset, dataset_id) if dataset_id else None
-            datasets[role] = str(storage.path(dataset.storage_key)) if dataset else None
+            datasets[role] = dataset.storage_key if dataset else None
             if dataset is not None and dataset.preprocess:
                 datasets["preprocess"][role] = dataset.preprocess
         spec = _job_spec(job, model, datasets)
@@ -142,7 +156,7 @@ def _run_job(job_id: str) -> None:
     stored: list[job_service.StoredArtifact] = []
     try:
         work.mkdir(parents=True, exist_ok=True)
-        (work / "spec.json").write_text(json.dumps(spec))
+        (work / "spec.json").write_text(json.dumps(_localize(spec, work / "inputs")))
 
         written_at, written_stage = 0.0, ""
 
@@ -235,6 +249,17 @@ def _run_job(job_id: str) -> None:
         _forget_finished_attempts(job_id, work.parent)
 
 
+def _localize(spec: dict[str, Any], inputs: Path) -> dict[str, Any]:
+    """The spec with each stored input's key replaced by a local path (the runner reads local files only, and
+    never gets storage credentials): the stored file itself, or a copy downloaded into the work folder."""
+    storage = get_storage()
+    return spec | {
+        role: str(storage.local_copy(spec[role], inputs))
+        for role in ("model", "calibration", "train", "eval")
+        if spec.get(role)
+    }
+
+
 def _forget_finished_attempts(job_id: str, folder: Path) -> None:
     """Once the job is final, the work folders of attempts whose workers died on this host go too."""
     try:
@@ -249,8 +274,8 @@ def _forget_finished_attempts(job_id: str, folder: Path) -> None:
 def _store_artifacts(
     job_id: str, attempt: int, out_dir: Path, result: dict[str, Any]
 ) -> list[job_service.StoredArtifact]:
-    """Copy the runner's files into storage (temp name, fsync, rename) with their sha256, plus the report and
-    manifest it wrote as JSON artifacts. Each attempt writes under its own prefix."""
+    """Copy the runner's files into storage (local: temp name, fsync, rename; S3: a multipart upload) with their
+    sha256, plus the report and manifest it wrote as JSON artifacts. Each attempt writes under its own prefix."""
     storage = get_storage()
     files = [(a["name"], out_dir / a["file"], a.get("format")) for a in result["artifacts"]]
     files += [

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
 from app.core.db import get_sessionmaker
-from app.core.storage import LocalStorage, get_storage
+from app.core.storage import Storage, get_storage
 
 
 def get_db() -> Iterator[Session]:
@@ -26,7 +26,7 @@ def get_db() -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-StorageDep = Annotated[LocalStorage, Depends(get_storage)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
 def require_broker(settings: Settings) -> None:

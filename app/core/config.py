@@ -20,6 +20,17 @@ class Settings(BaseSettings):
     broker_url: str = Field(
         "", description="Celery broker; empty means kombu's SQLite transport in DATA_DIR."
     )
+    storage_url: str = Field(
+        "",
+        description="Where uploads and artifacts live: empty means files under DATA_DIR; s3://bucket/prefix "
+        "an S3-compatible bucket.",
+    )
+    s3_endpoint_url: str = Field("", description="S3 endpoint for MinIO and the like; empty means AWS.")
+    s3_region: str = Field("", description="S3 region; empty means boto3's default (AWS_REGION etc.).")
+    s3_access_key_id: str = Field(
+        "", repr=False, description="S3 credentials; empty means boto3's chain (AWS_* variables, roles)."
+    )
+    s3_secret_access_key: str = Field("", repr=False)
     auth: Literal["disabled", "required"] = Field(
         "disabled",
         description="required: every /v1 request needs an API key (qaas keys create); disabled: every request "
@@ -97,6 +108,16 @@ class Settings(BaseSettings):
         if 0 < value < 1024:
             raise ValueError(
                 "QAAS_RUNNER_MEMORY_MB below 1024 cannot run torch: use 1024 or more (0: no limit)"
+            )
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _s3_url(cls, value: str) -> str:
+        if value and (not value.startswith("s3://") or not value[5:].split("/")[0]):
+            raise ValueError(
+                f"QAAS_STORAGE_URL {value!r} is not s3://bucket[/prefix]: name a bucket, or leave it empty "
+                "for files under QAAS_DATA_DIR"
             )
         return value
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app.core import queue
 from app.core.db import after_commit
 from app.core.errors import Conflict, InvalidRequest
-from app.core.storage import LocalStorage
+from app.core.storage import Storage
 from app.models import Dataset, Job
 from app.services import stored
 from app.services.models import ACTIVE_JOB_STATUSES
@@ -39,9 +39,7 @@ def parse_preprocess(raw: str | None) -> dict[str, Any] | None:
     return value
 
 
-def create_dataset(
-    session: Session, storage: LocalStorage, upload: ReceivedUpload, tenant_id: str
-) -> Dataset:
+def create_dataset(session: Session, storage: Storage, upload: ReceivedUpload, tenant_id: str) -> Dataset:
     """Store the uploaded file under a generated name and queue its inspection (after commit)."""
     preprocess = parse_preprocess(upload.fields.get("preprocess"))
     return stored.record_upload(
@@ -68,7 +66,7 @@ def list_datasets(
     )
 
 
-def delete_dataset(session: Session, storage: LocalStorage, dataset_id: str, *, tenant_id: str) -> None:
+def delete_dataset(session: Session, storage: Storage, dataset_id: str, *, tenant_id: str) -> None:
     """Delete the dataset; finished jobs keep their results and lose the reference. Refused while in use."""
     dataset = get_dataset(session, dataset_id, tenant_id=tenant_id)
     uses = or_(*(column == dataset_id for column in _DATASET_COLUMNS))

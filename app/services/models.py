@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app.core import queue
 from app.core.db import after_commit
 from app.core.errors import Conflict, InvalidRequest
-from app.core.storage import LocalStorage
+from app.core.storage import Storage
 from app.models import Artifact, Job, Model
 from app.services import stored
 from app.services.uploads import ReceivedUpload
@@ -50,7 +50,7 @@ def parse_input_shapes(raw: str | None) -> dict[str, list[int | None]] | None:
     return value
 
 
-def create_model(session: Session, storage: LocalStorage, upload: ReceivedUpload, tenant_id: str) -> Model:
+def create_model(session: Session, storage: Storage, upload: ReceivedUpload, tenant_id: str) -> Model:
     """Store the uploaded file under a generated name and queue its inspection (after commit)."""
     input_shapes = parse_input_shapes(upload.fields.get("input_shapes"))
     return stored.record_upload(
@@ -75,7 +75,7 @@ def list_models(
     return stored.list_stored(session, Model, tenant_id=tenant_id, limit=limit, cursor=cursor, status=status)
 
 
-def delete_model(session: Session, storage: LocalStorage, model_id: str, *, tenant_id: str) -> None:
+def delete_model(session: Session, storage: Storage, model_id: str, *, tenant_id: str) -> None:
     """Delete the model with its finished jobs and their artifacts; refused while a job is in progress."""
     model = get_model(session, model_id, tenant_id=tenant_id)
     active = session.scalar(

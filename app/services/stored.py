@@ -12,7 +12,7 @@ from app.core import queue
 from app.core.db import after_commit
 from app.core.errors import not_found
 from app.core.ids import new_id
-from app.core.storage import LocalStorage
+from app.core.storage import Storage
 from app.models import Dataset, Model
 from app.services.pagination import paginate
 from app.services.uploads import ReceivedUpload
@@ -22,7 +22,7 @@ T = TypeVar("T", Model, Dataset)
 
 def record_upload(
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     upload: ReceivedUpload,
     cls: type[T],
     *,
@@ -35,7 +35,7 @@ def record_upload(
     assert upload.file is not None
     object_id = new_id(prefix)
     key = f"uploads/{object_id}.bin"
-    storage.commit(upload.file.tmp_path, key)
+    storage.commit(upload.file.tmp_path, key, sha256=upload.file.sha256)
     row = cls(
         id=object_id,
         tenant_id=tenant_id,

@@ -16,7 +16,7 @@ from typing import BinaryIO
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.core.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
-from app.core.storage import LocalStorage
+from app.core.storage import Storage
 
 MAX_FIELD_BYTES = 64 * 1024
 MULTIPART_OVERHEAD_BYTES = 64 * 1024 + 8 * MAX_FIELD_BYTES
@@ -55,7 +55,7 @@ async def receive_upload(
     content_length: str | None,
     max_bytes: int,
     allowed_fields: set[str],
-    storage: LocalStorage,
+    storage: Storage,
 ) -> ReceivedUpload:
     """Parse a multipart body with one `file` part. The caller owns `result.file.tmp_path` on success."""
     ctype, params = parse_options_header(content_type or "")

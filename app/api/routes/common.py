@@ -1,4 +1,5 @@
-"""Helpers shared by the resource routes: list parameters, streamed uploads and their OpenAPI description."""
+"""Helpers shared by the resource routes: list parameters, streamed uploads and their OpenAPI description,
+stored-file downloads."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
+from urllib.parse import quote
 
-from fastapi import Query, Request
+from fastapi import Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
@@ -17,7 +20,7 @@ from app.core import metrics
 from app.core.config import Settings
 from app.core.db import get_sessionmaker
 from app.core.errors import BadRequest, Gone, InvalidRequest, RangeNotSatisfiable
-from app.core.storage import LocalStorage
+from app.core.storage import LocalStorage, S3Storage, Storage, StoredFileMissing
 from app.models import Dataset, Model
 from app.services import quotas
 from app.services.auth import Caller
@@ -90,11 +93,11 @@ def _check_content(upload: ReceivedUpload) -> None:
 
 
 def _record(
-    storage: LocalStorage,
+    storage: Storage,
     settings: Settings,
     caller: Caller,
     upload: ReceivedUpload,
-    create: Callable[[Session, LocalStorage, ReceivedUpload, str], T],
+    create: Callable[[Session, Storage, ReceivedUpload, str], T],
     out: type[OutT],
 ) -> OutT:
     _check_content(upload)
@@ -115,11 +118,11 @@ def _record(
 async def handle_upload(
     request: Request,
     settings: Settings,
-    storage: LocalStorage,
+    storage: Storage,
     caller: Caller,
     *,
     fields: set[str],
-    create: Callable[[Session, LocalStorage, ReceivedUpload, str], T],
+    create: Callable[[Session, Storage, ReceivedUpload, str], T],
     out: type[OutT],
 ) -> OutT:
     """Check the broker and the tenant's storage quota, stream the body to disk, check its content, then
@@ -141,16 +144,66 @@ async def handle_upload(
         upload.file.tmp_path.unlink(missing_ok=True)
 
 
+def _file_missing() -> Gone:
+    return Gone(
+        "the stored file is missing from the data directory (removed outside qaas): upload it or run the "
+        "job again, and tell the operator",
+        code="file_missing",
+    )
+
+
 def existing_file(storage: LocalStorage, key: str) -> Path:
     """The stored file behind a row, or 410 when it is gone (removed outside qaas: retention marks its rows)."""
     path = storage.path(key)
     if not path.is_file():
-        raise Gone(
-            "the stored file is missing from the data directory (removed outside qaas): upload it or run the "
-            "job again, and tell the operator",
-            code="file_missing",
-        )
+        raise _file_missing()
     return path
+
+
+def file_response(
+    storage: Storage, key: str, request: Request, *, size: int, filename: str, headers: dict[str, str]
+) -> Response:
+    """A stored file as a download, Range requests included; 410 when it is gone. Local files go out as a
+    FileResponse; an S3 object is streamed, the request's Range passed through to S3 (206 + Content-Range)."""
+    header = request.headers.get("range")
+    check_range(header, size)
+    if isinstance(storage, LocalStorage):
+        return FileResponse(
+            existing_file(storage, key),
+            media_type="application/octet-stream",
+            filename=filename,
+            headers=headers,
+        )
+    assert isinstance(storage, S3Storage)
+    # S3 serves one range per request: a multi-range request gets the whole file (RFC 9110 lets a server
+    # ignore Range), a single one goes through without the whitespace RFC 9110 allows and S3 may not.
+    spec = header.partition("=")[2].replace(" ", "").replace("\t", "") if header else ""
+    byte_range = f"bytes={spec}" if spec and "," not in spec else None
+    try:
+        stored = storage.open(key, byte_range)
+    except StoredFileMissing:
+        raise _file_missing() from None
+    headers = headers | {
+        "content-length": str(stored.length),
+        "accept-ranges": "bytes",
+        "content-disposition": _attachment(filename),
+    }
+    if stored.content_range is not None:
+        headers["content-range"] = stored.content_range
+    return StreamingResponse(
+        stored.chunks(),
+        status_code=206 if stored.content_range is not None else 200,
+        media_type="application/octet-stream",
+        headers=headers,
+    )
+
+
+def _attachment(filename: str) -> str:
+    """Content-Disposition exactly as Starlette's FileResponse writes it."""
+    quoted = quote(filename)
+    if quoted != filename:
+        return f"attachment; filename*=utf-8''{quoted}"
+    return f'attachment; filename="{filename}"'
 
 
 _RANGE = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*")

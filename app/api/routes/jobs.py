@@ -8,7 +8,7 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import ReleasingRoute, SessionDep, SettingsDep, StorageDep, require_broker
 from app.api.guard import CallerDep
-from app.api.routes.common import CursorQuery, LimitQuery, check_range, existing_file
+from app.api.routes.common import CursorQuery, LimitQuery, file_response
 from app.models import Job
 from app.schemas.common import GUARDED, Page, error_responses
 from app.schemas.jobs import ArtifactOut, BackendOut, JobCreate, JobOut, JobStatus, Progress
@@ -165,10 +165,11 @@ def download_artifact(
     headers = {"etag": etag, "repr-digest": f"sha-256=:{digest}:", "cache-control": "private, max-age=0"}
     if request.headers.get("if-none-match") in (etag, "*"):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
-    check_range(request.headers.get("range"), artifact.size_bytes)
-    return FileResponse(
-        existing_file(storage, artifact.storage_key),
-        media_type="application/octet-stream",
+    return file_response(
+        storage,
+        artifact.storage_key,
+        request,
+        size=artifact.size_bytes,
         filename=artifact.name,
         headers=headers,
     )

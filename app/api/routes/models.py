@@ -10,8 +10,7 @@ from app.api.guard import CallerDep
 from app.api.routes.common import (
     CursorQuery,
     LimitQuery,
-    check_range,
-    existing_file,
+    file_response,
     handle_upload,
     multipart_body,
     stored_out,
@@ -97,7 +96,7 @@ def get_model(model_id: str, session: SessionDep, caller: CallerDep) -> ModelOut
 )
 def download_model_file(
     model_id: str, request: Request, session: SessionDep, storage: StorageDep, caller: CallerDep
-) -> FileResponse:
+) -> Response:
     """The file exactly as uploaded; 410 once the retention policy deleted it."""
     model = service.get_model(session, model_id, tenant_id=caller.tenant_id)
     if model.expired_at is not None:
@@ -105,10 +104,11 @@ def download_model_file(
             f"model {model_id}'s file was deleted by the retention policy on {model.expired_at:%Y-%m-%d}",
             code="model_expired",
         )
-    check_range(request.headers.get("range"), model.size_bytes)
-    return FileResponse(
-        existing_file(storage, model.storage_key),
-        media_type="application/octet-stream",
+    return file_response(
+        storage,
+        model.storage_key,
+        request,
+        size=model.size_bytes,
         filename=model.name,
         headers={"etag": f'"{model.sha256}"'},
     )
