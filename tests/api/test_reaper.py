@@ -270,6 +270,8 @@ def test_retention_marks_rows_then_deletes_their_files(
 
     model = client.get(f"/v1/models/{old_model}").json()
     assert model["status"] == "expired"
+    assert [m["id"] for m in client.get("/v1/models?status=expired").json()["items"]] == [old_model]
+    assert [d["id"] for d in client.get("/v1/datasets?status=expired").json()["items"]] == [dataset_id]
     assert client.get(f"/v1/datasets/{dataset_id}").json()["status"] == "expired"
     gone = client.get(f"/v1/models/{old_model}/file")
     assert gone.status_code == 410 and gone.json()["error"] == "model_expired"
