@@ -24,6 +24,23 @@ def require_url(name: str, value: str | None) -> str:
     pytest.skip(f"{name} is not set")
 
 
+def fail_or_skip(reason: str) -> None:
+    """A capability this host lacks: skip on a developer's machine, fail under CI (coverage must not vanish)."""
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def traversable(path: Path) -> Path:
+    """Let other users pass through `path`'s folders (o+x, no listing): a root worker's runner runs as
+    `nobody` and must reach its work folder inside the data directory, as in a deployment (pytest makes its
+    temporary folders 0700)."""
+    for folder in [path, *path.parents]:
+        if folder.exists() and folder.stat().st_uid == os.geteuid() and not folder.stat().st_mode & 0o001:
+            folder.chmod(folder.stat().st_mode | 0o001)
+    return path
+
+
 def reset_caches() -> None:
     from app.core.config import get_settings
     from app.core.db import get_engine, get_sessionmaker
@@ -49,6 +66,7 @@ def reset_postgres(url: str) -> None:
 def configure(
     monkeypatch: pytest.MonkeyPatch, data_dir: Path, database_url: str = "", broker_url: str = ""
 ) -> None:
+    traversable(data_dir.parent)
     monkeypatch.setenv("QAAS_DATA_DIR", str(data_dir))
     monkeypatch.setenv("QAAS_DATABASE_URL", database_url)
     monkeypatch.setenv("QAAS_BROKER_URL", broker_url)

@@ -40,16 +40,21 @@ import logging
 import os
 import pwd
 import resource
+import select
 import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+# Imported here, not when the filter is installed: by then the trampoline may run as a user who cannot read
+# this Python's standard library.
+from workers import seccomp
 
 log = logging.getLogger("qaas.worker")
 
@@ -88,6 +93,8 @@ PROTECTIONS = (
     "no_core_dumps",
     "new_session",
     "pdeathsig",
+    "own_pid_namespace",
+    "proc_hidden",
     "no_network",
     "no_tcp",
     "unprivileged_user",
@@ -96,6 +103,7 @@ PROTECTIONS = (
     "landlock_fs",
     "landlock_read",
     "landlock_scope",
+    "seccomp",
     "parent_unreadable",
 )
 
@@ -152,6 +160,8 @@ class RunnerLimits:
     user: who the runner runs as when the worker is root (None: stay root).
     network: True leaves the network reachable (no namespace, no Landlock TCP rule).
     landlock: False skips Landlock altogether; confine_reads: False allows reads everywhere.
+    pid_namespace: False keeps the runner in the worker's PID namespace and /proc (its escaped processes are
+        then not killed with it).
     """
 
     memory_mb: int | None = DEFAULT_MEMORY_MB
@@ -162,6 +172,7 @@ class RunnerLimits:
     network: bool = False
     landlock: bool = True
     confine_reads: bool = True
+    pid_namespace: bool = True
 
     def __post_init__(self) -> None:
         for name, minimum in (
@@ -188,7 +199,7 @@ class RunnerLimits:
             values[name] = int(value) if value else None
         user = getattr(settings, "runner_user", defaults.user)
         values["user"] = str(user) if user else None
-        for name in ("network", "landlock", "confine_reads"):
+        for name in ("network", "landlock", "confine_reads", "pid_namespace"):
             values[name] = bool(getattr(settings, f"runner_{name}", getattr(defaults, name)))
         return cls(**values)
 
@@ -200,6 +211,8 @@ class SandboxPlan:
     parent_pid: int
     rlimits: dict[str, list[int]] = field(default_factory=dict)
     netns: bool = False
+    pidns: bool = False
+    seccomp: bool = False
     uid: int | None = None
     gid: int | None = None
     landlock: bool = False
@@ -210,13 +223,15 @@ class SandboxPlan:
     confine_reads: bool = False
     announce: bool = True
     gaps: dict[str, str] = field(default_factory=dict)
+    outside_pid: int | None = None  # set by apply_plan: the runner's PID as the worker sees it
 
 
 # --- primitives -----------------------------------------------------------------------------------------------
 
 PR_SET_PDEATHSIG, PR_GET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 2, 4, 24, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
-CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 1 << 14, 1 << 18
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 LANDLOCK_CREATE_RULESET_VERSION = 1
 LANDLOCK_RULE_PATH_BENEATH = 1
@@ -351,14 +366,8 @@ def _unshare(flags: int) -> None:
     _check(_libc().unshare(flags), "unshare")
 
 
-def _enter_network_namespace() -> None:
-    """A network namespace with nothing in it (loopback down). As root directly; otherwise inside a new user
-    namespace that maps the caller's uid and gid to themselves."""
-    if os.geteuid() == 0:
-        _unshare(CLONE_NEWNET)
-        return
-    uid, gid = os.geteuid(), os.getegid()
-    _unshare(CLONE_NEWUSER | CLONE_NEWNET)
+def _map_own_ids(uid: int, gid: int) -> None:
+    """In a new user namespace: map the caller's uid and gid to themselves."""
     for name, text in (
         ("uid_map", f"{uid} {uid} 1\n"),
         ("setgroups", "deny\n"),
@@ -366,6 +375,80 @@ def _enter_network_namespace() -> None:
     ):
         with open(f"/proc/self/{name}", "w") as handle:
             handle.write(text)
+
+
+def _unshare_as_caller(flags: int) -> None:
+    """unshare(flags) as root directly; otherwise inside a new user namespace mapping the caller to itself."""
+    if os.geteuid() == 0:
+        _unshare(flags)
+        return
+    uid, gid = os.geteuid(), os.getegid()
+    _unshare(CLONE_NEWUSER | flags)
+    _map_own_ids(uid, gid)
+
+
+def _enter_network_namespace() -> None:
+    """A network namespace with nothing in it (loopback down)."""
+    _unshare_as_caller(CLONE_NEWNET)
+
+
+def _mount_own_proc() -> None:
+    """In the new mount namespace (changes stay private to it): a /proc of the new PID namespace only, so the
+    runner sees no other process on the host (their command lines, environments, open files)."""
+    libc = _libc()
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+    _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount(/, private)")
+    _check(libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mount(/proc)")
+
+
+def _mirror_exit(pid: int) -> None:
+    """The trampoline outside the namespace: wait for the runner (the namespace's init) and end the same way,
+    so the worker sees the runner's exit status or signal. When the init is gone, the kernel has already
+    killed and reaped every other process of the namespace."""
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            os._exit(1)
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    os._exit(os.waitstatus_to_exitcode(status))
+
+
+def _enter_pid_namespace() -> tuple[int, Callable[[], bool]]:
+    """Put what follows in a PID namespace (and a mount namespace) of its own: the trampoline forks; the child
+    becomes the namespace's init (PID 1) and goes on to execute the runner, while this process stays outside,
+    waits and mirrors its exit (it never returns). When the init dies, the kernel kills whatever the runner
+    started: a double fork, setsid or a new process group escapes nothing.
+
+    Returns, in the child: its PID as seen from outside (the worker watches it until the namespace is gone) and
+    a check that the trampoline is still alive (the child's getppid() is 0: its parent is outside)."""
+    _unshare_as_caller(CLONE_NEWPID | CLONE_NEWNS)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(ready_r)
+        os.write(ready_w, f"{pid}\n".encode())
+        # ready_w stays open until this process exits: its EOF tells the child that the trampoline is gone.
+        _mirror_exit(pid)
+    os.close(ready_w)
+    os.set_inheritable(ready_r, False)
+    alive = _pipe_open(ready_r)
+    _arm_parent_death_signal(lambda: True)  # checked below, once the PID has arrived
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(ready_r, 32)
+        if not chunk:
+            os._exit(125)  # the trampoline died before the signal was armed
+        line += chunk
+    return int(line), alive
 
 
 _RLIMITS = {
@@ -407,16 +490,54 @@ def _permitted_capabilities() -> int:
     return -1
 
 
+def _arm_parent_death_signal(parent_alive: Callable[[], bool]) -> None:
+    """SIGKILL when the parent dies; exit at once if it already has (the signal would never come)."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if not parent_alive():
+        os._exit(125)
+
+
+def _pipe_open(fd: int) -> Callable[[], bool]:
+    """Whether the process holding the write end of the pipe `fd` reads from is alive (no EOF yet)."""
+
+    def alive() -> bool:
+        readable, _, _ = select.select([fd], [], [], 0)
+        return not readable
+
+    return alive
+
+
 def apply_plan(plan: SandboxPlan) -> tuple[list[str], dict[str, str]]:
-    """Apply the plan to this process (the trampoline, before exec). Returns (in force, gaps)."""
+    """Apply the plan to this process (the trampoline, before exec). Returns (in force, gaps).
+
+    With `plan.pidns` the trampoline forks into a new PID namespace: this function then returns in the child,
+    the namespace's init, and the parent stays outside waiting for it (_enter_pid_namespace)."""
     in_force = ["clean_env", "new_session"]
     gaps = dict(plan.gaps)
+    # The worker's thread dies: so does the trampoline, and (below) everything it started.
+    _arm_parent_death_signal(lambda: os.getppid() == plan.parent_pid)
     if plan.netns:
         try:
             _enter_network_namespace()
             in_force.append("no_network")
         except OSError as exc:
             gaps["no_network"] = f"a new network namespace was refused ({exc.strerror})"
+    parent_alive: Callable[[], bool] = lambda: os.getppid() == plan.parent_pid  # noqa: E731
+    outside_pid = os.getpid()
+    if plan.pidns:
+        # A user namespace change may clear the signal: arm it again before the fork.
+        _arm_parent_death_signal(parent_alive)
+        try:
+            outside_pid, parent_alive = _enter_pid_namespace()
+            in_force.append("own_pid_namespace")
+            try:
+                _mount_own_proc()
+                in_force.append("proc_hidden")
+            except OSError as exc:
+                gaps["proc_hidden"] = f"a /proc of the runner's own could not be mounted ({exc.strerror})"
+        except OSError as exc:
+            gaps["own_pid_namespace"] = f"a new PID namespace was refused ({exc.strerror})"
+            gaps["proc_hidden"] = "needs the runner's own PID namespace"
     for name, (soft, hard) in plan.rlimits.items():
         try:
             _set_rlimit(name, soft, hard)
@@ -439,9 +560,7 @@ def apply_plan(plan: SandboxPlan) -> tuple[list[str], dict[str, str]]:
         in_force.remove("rlimit_nproc")
         gaps["rlimit_nproc"] = "the runner runs as root, which RLIMIT_NPROC does not bind"
     # After the last credential change: a change of uid clears the parent-death signal.
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != plan.parent_pid:
-        os._exit(125)  # the worker died before the signal was armed
+    _arm_parent_death_signal(parent_alive)
     in_force.append("pdeathsig")
     try:
         _prctl(PR_SET_NO_NEW_PRIVS, 1)
@@ -465,6 +584,19 @@ def apply_plan(plan: SandboxPlan) -> tuple[list[str], dict[str, str]]:
                 gaps["landlock_fs"] = f"Landlock was refused ({exc})"
     if plan.landlock_net and "no_tcp" not in in_force and "no_network" not in in_force:
         gaps.setdefault("no_tcp", "neither a network namespace nor Landlock ABI >= 4 is available")
+    if plan.seccomp:
+        reason = seccomp.supported()
+        if reason is not None:
+            gaps["seccomp"] = reason
+        elif "no_new_privs" not in in_force:
+            gaps["seccomp"] = "needs no_new_privs"
+        else:
+            try:
+                seccomp.install_runner_filter()
+                in_force.append("seccomp")
+            except OSError as exc:
+                gaps["seccomp"] = f"the seccomp filter was refused ({exc.strerror})"
+    plan.outside_pid = outside_pid
     return _ordered(in_force), gaps
 
 
@@ -486,7 +618,8 @@ def _boot() -> None:
         )
         os._exit(126)
     if plan.announce:
-        line = json.dumps({"event": "sandbox", "in_force": in_force, "gaps": gaps}) + "\n"
+        event = {"event": "sandbox", "in_force": in_force, "gaps": gaps, "pid": plan.outside_pid}
+        line = json.dumps(event) + "\n"
         os.write(1, line.encode())
     try:
         os.execv(argv[0], argv)
@@ -609,6 +742,13 @@ def _plan_sandbox(
     if limits.max_processes:
         plan.rlimits["rlimit_nproc"] = [limits.max_processes] * 2
     plan.rlimits["no_core_dumps"] = [0, 0]
+    for name in ("own_pid_namespace", "seccomp"):
+        if name in _disabled:
+            plan.gaps[name] = _disabled[name]
+    plan.pidns = limits.pid_namespace and "own_pid_namespace" not in _disabled
+    if not limits.pid_namespace:
+        plan.gaps["own_pid_namespace"] = "switched off in the runner's limits"
+    plan.seccomp = "seccomp" not in _disabled
     if not limits.network:
         plan.netns = "no_network" not in _disabled
         plan.landlock_net = True
@@ -792,6 +932,7 @@ def harden_worker_process() -> list[str]:
 _PROBE = r"""
 import json, os, socket, sys, ctypes, resource
 port, outside_file, outside_dir, want_torch = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+worker = int(sys.argv[5])
 found, notes = [], {}
 secret = [k for k in os.environ if k.startswith(("QAAS_", "AWS_")) or k.endswith(("_URL", "_PASSWORD", "_SECRET", "_TOKEN"))]
 if not secret:
@@ -837,15 +978,23 @@ try:
 except OSError:
     found.append("landlock_read")
 try:
-    os.kill(os.getppid(), 0)
+    os.kill(worker, 0)
     notes["landlock_scope"] = "could signal the worker"
 except OSError:
     found.append("landlock_scope")
 try:
-    open(f"/proc/{os.getppid()}/environ", "rb").read()
+    open(f"/proc/{worker}/environ", "rb").read()
     notes["parent_unreadable"] = "read the worker's environment"
 except OSError:
     found.append("parent_unreadable")
+if os.getpid() == 1:
+    found.append("own_pid_namespace")
+if not os.path.exists(f"/proc/{worker}") and sorted(int(p) for p in os.listdir("/proc") if p.isdigit())[:1] == [1]:
+    found.append("proc_hidden")
+else:
+    notes["proc_hidden"] = "the worker's /proc entry is visible"
+if fields.get("Seccomp", "").strip() == "2":
+    found.append("seccomp")
 if want_torch:
     try:
         import torch
@@ -890,7 +1039,16 @@ def _probe(limits: RunnerLimits, want_torch: bool) -> _ProbeResult:
             "OMP_NUM_THREADS": "1",
         }
         proc, plan = spawn(
-            [sys.executable, "-c", _PROBE, str(port), str(secret), str(outside), "1" if want_torch else "0"],
+            [
+                sys.executable,
+                "-c",
+                _PROBE,
+                str(port),
+                str(secret),
+                str(outside),
+                "1" if want_torch else "0",
+                str(os.getpid()),
+            ],
             work_dir=work,
             env=env,
             limits=limits,
@@ -931,7 +1089,14 @@ def _probe_with_fallbacks(limits: RunnerLimits) -> _ProbeResult:
     if result.torch_error is None:
         return result
     with _disabled_lock:  # runners of other threads wait rather than start during a trial
-        for protection in ("landlock_read", "unprivileged_user", "no_network", "landlock_fs"):
+        for protection in (
+            "seccomp",
+            "own_pid_namespace",
+            "landlock_read",
+            "unprivileged_user",
+            "no_network",
+            "landlock_fs",
+        ):
             if protection in result.gaps or protection in _disabled:
                 continue
             reason = f"torch could not start under it ({result.torch_error[-300:]})"

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import queue as queue_mod
+import select
 import signal
 import stat
 import subprocess
@@ -19,9 +20,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import workers
+from workers.benchlock import LockBroker
 from workers.sandbox import RunnerLimits, spawn
 
 log = logging.getLogger("qaas.worker")
@@ -30,13 +32,23 @@ log = logging.getLogger("qaas.worker")
 ProgressRelay = Callable[[str | None, float | None, str | None], bool]
 
 _SOURCE_ROOT = str(Path(workers.__file__).resolve().parent.parent)
-# The runner's benchmark takes the host's lock through this descriptor (workers.engine.bench.host_lock reads
-# the variable; the engine is not imported here: it would import torch into the worker).
+# The runner asks the worker for the host's benchmark lock through two pipes named by this variable, "R,W":
+# it writes "acquire" or "release" lines on W and reads "wait", "granted" or "timeout" on R
+# (workers.engine.bench.host_lock; the engine is not imported here: it would import torch into the worker).
+# The worker holds the flock itself: nothing the runner leaves behind can keep it (docs/security.md).
 BENCH_LOCK_FD_ENV = "QAAS_BENCH_LOCK_FD"
 BENCH_LOCK_NAME = "qaas-bench.lock"
+# How long a runner may wait for the lock before it benchmarks without it, and hold it in all.
+BENCH_LOCK_WAIT_S = 600.0
+BENCH_LOCK_HOLD_S = 900.0
+# After the runner's trampoline is gone: how long the worker waits for the rest of its PID namespace.
+NAMESPACE_GONE_S = 10.0
+LOCK_POLL_S = 0.1
+# The longest protocol line read from a runner (a result with per-layer metrics is far below it).
+MAX_LINE_BYTES = 32 * 1024 * 1024
 
-# A lock file path, an open descriptor of one, or None for default_bench_lock().
-BenchLock = Path | str | int | None
+# A lock file path, an open descriptor of one, None for default_bench_lock(), False for no lock at all.
+BenchLock = Path | str | int | None | Literal[False]
 
 
 @dataclass
@@ -48,11 +60,13 @@ class RunnerOutcome:
     # The protections the runner actually got (workers.sandbox.PROTECTIONS names), and why others are missing.
     sandbox: list[str] = field(default_factory=list)
     sandbox_gaps: dict[str, str] = field(default_factory=dict)
+    # What happened to the host's benchmark lock (the runner waited past its limit, held it too long).
+    lock_notes: list[str] = field(default_factory=list)
 
 
 def runner_env(threads: int, home: Path) -> dict[str, str]:
     """No secrets: no database, broker or storage URL reaches the child, nor any QAAS_ or AWS_ variable (supervise
-    adds QAAS_BENCH_LOCK_FD, a descriptor number, when it passes the benchmark lock)."""
+    adds QAAS_BENCH_LOCK_FD, two pipe descriptor numbers, when the runner may ask for the benchmark lock)."""
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(home),
@@ -68,7 +82,8 @@ def runner_env(threads: int, home: Path) -> dict[str, str]:
 
 
 def _read_lines(stream: Any, sink: queue_mod.Queue[str | None]) -> None:
-    for line in stream:
+    # Bounded lines: a runner printing without end cannot fill the worker's memory (a cut line is not JSON).
+    while line := stream.readline(MAX_LINE_BYTES):
         sink.put(line)
     sink.put(None)
 
@@ -118,9 +133,10 @@ def _open_bench_lock(lock: BenchLock) -> int | None:
     """A new open file description of the lock file for one runner, or None (logged) when there is none.
 
     Each runner needs its own description: flock locks belong to descriptions, so runners sharing one would
-    not exclude each other, and a description the worker kept open would keep a killed runner's lock held.
-    A descriptor given by the caller is reopened through /proc for that reason.
+    not exclude each other. A descriptor given by the caller is reopened through /proc for that reason.
     """
+    if lock is False:
+        return None
     if isinstance(lock, int):
         path, nofollow = Path(f"/proc/self/fd/{lock}"), 0  # a link by nature: the caller's own descriptor
     else:
@@ -135,8 +151,7 @@ def _open_bench_lock(lock: BenchLock) -> int | None:
         except OSError as exc:
             problem = exc.strerror or str(exc)
     if fd is not None:
-        # The runner gets this descriptor: it must not be a way to read a file its sandbox keeps it from (a
-        # link planted in a shared /tmp). A lock file is empty.
+        # A lock file is empty and regular: anything else (a link planted in a shared /tmp) is not ours.
         info = os.fstat(fd)
         if stat.S_ISREG(info.st_mode) and info.st_size == 0:
             return fd
@@ -156,12 +171,15 @@ def run_runner(
     heartbeat_s: float = 5.0,
     limits: RunnerLimits | None = None,
     bench_lock: BenchLock = None,
+    bench_lock_wait_s: float = BENCH_LOCK_WAIT_S,
+    bench_lock_hold_s: float = BENCH_LOCK_HOLD_S,
 ) -> RunnerOutcome:
     """Run `python -m workers.runner ARGS` in `work_dir`, sandboxed with `limits` (RunnerLimits() when None),
     and wait for its result, relaying progress. It may write only in `work_dir` and the --out folder, and read
     only the system, Python, the `workers` package and the inputs its command line names. Its benchmark takes
     turns with the host's other benchmarks on `bench_lock` (a path or an open descriptor of the lock file;
-    default_bench_lock() when None), passed to it open.
+    default_bench_lock() when None; False for none, as inspections never benchmark), which this process holds
+    for it on request, waiting at most `bench_lock_wait_s` and holding it at most `bench_lock_hold_s` in all.
 
     Call it from the thread that lives as long as the worker (the runner gets SIGKILL when that thread ends)."""
     work_dir = work_dir.resolve()
@@ -177,6 +195,8 @@ def run_runner(
         read_paths=reads,
         write_dirs=writes,
         bench_lock=bench_lock,
+        bench_lock_wait_s=bench_lock_wait_s,
+        bench_lock_hold_s=bench_lock_hold_s,
     )
 
 
@@ -192,21 +212,26 @@ def supervise(
     read_paths: Sequence[Path] = (),
     write_dirs: Sequence[Path] = (),
     bench_lock: BenchLock = None,
+    bench_lock_wait_s: float = BENCH_LOCK_WAIT_S,
+    bench_lock_hold_s: float = BENCH_LOCK_HOLD_S,
 ) -> RunnerOutcome:
     """Run any program that speaks the runner's JSON-lines protocol the way run_runner runs the runner:
     sandboxed, with the runner's environment, the wall-clock limit, progress relayed, limits named, the
-    benchmark lock passed open (its descriptor number in QAAS_BENCH_LOCK_FD)."""
+    benchmark lock held for it on request (workers.benchlock; `bench_lock=False`: none). It returns only once
+    every process of the runner is gone (its PID namespace torn down, where it has one)."""
     limits = limits or RunnerLimits()
     work_dir = work_dir.resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     env = runner_env(threads, work_dir)
-    lock_fd = _open_bench_lock(bench_lock)
-    if lock_fd is not None:
-        env[BENCH_LOCK_FD_ENV] = str(lock_fd)
-    # Read back through this descriptor, never by name: the runner can replace the name with a link to a
-    # file it cannot read itself (the SQLite database) and have the worker copy it into the error message.
-    with open(work_dir / "runner.stderr", "w+b") as stderr:
-        try:
+    broker = None
+    if bench_lock is not False:
+        broker = LockBroker(_open_bench_lock(bench_lock), wait_s=bench_lock_wait_s, hold_s=bench_lock_hold_s)
+        env[BENCH_LOCK_FD_ENV] = broker.env_value
+    runner = _Runner(broker)
+    try:
+        # Read back through this descriptor, never by name: the runner can replace the name with a link to a
+        # file it cannot read itself (the SQLite database) and have the worker copy it into the error message.
+        with open(work_dir / "runner.stderr", "w+b") as stderr:
             proc, plan = spawn(
                 argv,
                 work_dir=work_dir,
@@ -216,12 +241,48 @@ def supervise(
                 limits=limits,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
-                pass_fds=() if lock_fd is None else (lock_fd,),
+                pass_fds=broker.runner_fds if broker else (),
             )
+            outcome = _follow(proc, stderr, timeout_s, relay, heartbeat_s, limits, dict(plan.gaps), runner)
+    finally:
+        runner.finish()
+    if broker is not None:
+        outcome.lock_notes = list(broker.notes)
+    return outcome
+
+
+class _Runner:
+    """What the worker watches besides the trampoline: the runner's PID namespace (through a pidfd on its init,
+    taken from the trampoline's announcement) and the benchmark lock it holds for the runner."""
+
+    def __init__(self, broker: LockBroker | None) -> None:
+        self.broker = broker
+        self.pidfd: int | None = None
+
+    def announced(self, pid: Any) -> None:
+        if isinstance(pid, int) and pid > 0 and self.pidfd is None:
+            with contextlib.suppress(OSError):  # already gone: nothing to watch
+                self.pidfd = os.pidfd_open(pid)
+
+    def finish(self) -> None:
+        """Kill whatever is left of the runner's namespace and wait until it is gone, then release the lock."""
+        try:
+            if self.pidfd is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                poller = select.poll()
+                poller.register(self.pidfd, select.POLLIN)
+                # The init's exit completes once the kernel has killed and reaped every process of its namespace.
+                if not poller.poll(NAMESPACE_GONE_S * 1000):
+                    raise RuntimeError(
+                        f"the runner's processes were still alive {NAMESPACE_GONE_S:.0f} s after it"
+                    )
         finally:
-            if lock_fd is not None:
-                os.close(lock_fd)  # the runner's copy alone holds the lock: it goes when the runner does
-        return _follow(proc, stderr, timeout_s, relay, heartbeat_s, limits, dict(plan.gaps))
+            if self.pidfd is not None:
+                os.close(self.pidfd)
+                self.pidfd = None
+            if self.broker is not None:
+                self.broker.close()
 
 
 def _follow(
@@ -232,10 +293,14 @@ def _follow(
     heartbeat_s: float,
     limits: RunnerLimits,
     gaps: dict[str, str],
+    runner: _Runner,
 ) -> RunnerOutcome:
     lines: queue_mod.Queue[str | None] = queue_mod.Queue()
     reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
     reader.start()
+    broker = runner.broker
+    if broker is not None:
+        broker.start(wake=lambda: lines.put(""))  # an empty line: look at the lock now
     outcome = RunnerOutcome(sandbox_gaps=gaps)
     deadline = time.monotonic() + timeout_s
     last_beat = time.monotonic()
@@ -247,11 +312,15 @@ def _follow(
 
     try:
         while True:
-            wait = max(0.05, min(heartbeat_s, deadline - time.monotonic()))
+            # While the runner waits for the lock or holds it, mind its limits often.
+            longest = LOCK_POLL_S if broker is not None and broker.busy else heartbeat_s
+            wait = max(0.05, min(longest, deadline - time.monotonic()))
             try:
                 line = lines.get(timeout=wait)
             except queue_mod.Empty:
                 line = ""
+            if broker is not None:
+                broker.poll()
             if line is None:
                 break
             if time.monotonic() >= deadline:
@@ -263,6 +332,7 @@ def _follow(
                 # Only the trampoline's line, the first one: the runner itself could claim anything.
                 outcome.sandbox = [str(name) for name in event.get("in_force") or []]
                 outcome.sandbox_gaps = {str(k): str(v) for k, v in (event.get("gaps") or {}).items()}
+                runner.announced(event.get("pid"))
             elif event and event.get("event") == "progress":
                 stop = (
                     relay(event.get("stage"), event.get("percent"), event.get("message")) if relay else False

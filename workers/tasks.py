@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from sqlalchemy import select
 
@@ -32,7 +35,14 @@ celery = queue.get_celery()
 
 Stored = TypeVar("Stored", Model, Dataset)
 PROGRESS_EVERY_S = 0.5
-ARTIFACT_FORMATS = {".ts": "torchscript", ".pt2": "aoti_package", ".json": "json", ".html": "html"}
+# The only files the worker takes from a job's runner, with their formats: read by these names through the
+# output folder's handle, never by a path the runner chose (docs/security.md). The report and the manifest are
+# written from the runner's result (data), not read from its files.
+RUNNER_FILES = {"model.int8.ts": "torchscript", "model.int8.aoti.pt2": "aoti_package"}
+
+
+class RunnerOutputRefused(Exception):
+    """The runner left something other than a plain file of an allowed name and size: nothing is stored."""
 
 
 def _worker_id() -> str:
@@ -78,6 +88,7 @@ def _inspect(cls: type[Stored], object_id: str, command: str) -> None:
             work_dir=work,
             timeout_s=settings.inspect_timeout_s,
             limits=RunnerLimits.from_settings(settings),
+            bench_lock=False,  # an inspection never benchmarks
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -154,8 +165,12 @@ def _run_job(job_id: str) -> None:
 
     work = settings.work_dir / job_id / f"attempt-{attempt}"
     stored: list[job_service.StoredArtifact] = []
+    out_fd: int | None = None
     try:
-        work.mkdir(parents=True, exist_ok=True)
+        (work / "out").mkdir(parents=True, exist_ok=True)
+        # Taken before the runner starts: whatever it does to the name `out` (a link to another job's folder in
+        # its place), its files are read through this handle.
+        out_fd = os.open(work / "out", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         (work / "spec.json").write_text(json.dumps(_localize(spec, work / "inputs")))
 
         written_at, written_stage = 0.0, ""
@@ -215,14 +230,26 @@ def _run_job(job_id: str) -> None:
             log.warning("job %s failed: %s: %s", job_id, error[0], error[1][:500])
             return
         assert outcome.result is not None
-        stored = _store_artifacts(job_id, attempt, work / "out", outcome.result)
+        metrics = dict(outcome.result["metrics"])
+        if outcome.lock_notes:
+            metrics["warnings"] = [*metrics.get("warnings", []), *outcome.lock_notes]
+        try:
+            # run_runner returned: every process of the runner is gone, nothing changes in `out` any more.
+            stored = _store_artifacts(job_id, attempt, out_fd, outcome.result, metrics, limits.file_size_mb)
+        except RunnerOutputRefused as exc:
+            with session_scope() as session:
+                job_service.fail_job(
+                    session, job_id, worker_id, "invalid_runner_output", str(exc), runner=runner
+                )
+            log.warning("job %s failed: the runner's output was refused: %s", job_id, exc)
+            return
         with session_scope() as session:
             committed = job_service.succeed_job(
                 session,
                 job_id,
                 worker_id,
                 backend=outcome.result["backend"],
-                metrics=outcome.result["metrics"],
+                metrics=metrics,
                 artifacts=stored,
                 load_snippet=outcome.result["load_snippet"],
                 manifest=outcome.result["manifest"],
@@ -245,6 +272,8 @@ def _run_job(job_id: str) -> None:
         with session_scope() as session:
             job_service.fail_job(session, job_id, worker_id, "internal_error", f"{type(exc).__name__}: {exc}")
     finally:
+        if out_fd is not None:
+            os.close(out_fd)
         shutil.rmtree(work, ignore_errors=True)
         _forget_finished_attempts(job_id, work.parent)
 
@@ -271,31 +300,73 @@ def _forget_finished_attempts(job_id: str, folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _store_artifacts(
-    job_id: str, attempt: int, out_dir: Path, result: dict[str, Any]
-) -> list[job_service.StoredArtifact]:
-    """Copy the runner's files into storage (local: temp name, fsync, rename; S3: a multipart upload) with their
-    sha256, plus the report and manifest it wrote as JSON artifacts. Each attempt writes under its own prefix."""
-    storage = get_storage()
-    files = [(a["name"], out_dir / a["file"], a.get("format")) for a in result["artifacts"]]
-    files += [
-        ("report.json", out_dir / "report.json", "json"),
-        ("manifest.json", out_dir / "manifest.json", "json"),
-    ]
-    stored = []
-    for name, path, fmt in files:
-        resolved = path.resolve()
-        if out_dir.resolve() not in resolved.parents:
-            raise ValueError(f"the runner named an artifact outside its output directory: {name}")
-        key = f"artifacts/{job_id}/attempt-{attempt}/{name}"
-        size, sha256 = storage.store_file(resolved, key)
-        stored.append(
-            job_service.StoredArtifact(
-                name=name,
-                format=fmt or ARTIFACT_FORMATS.get(Path(name).suffix, "binary"),
-                size_bytes=size,
-                sha256=sha256,
-                storage_key=key,
+def _open_runner_file(out_fd: int, name: str, max_bytes: int | None) -> IO[bytes]:
+    """`name` in the runner's output folder, opened through the folder's handle: a regular file with one link
+    (not a link to, nor a second name of, a file outside), no larger than the runner could write."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=out_fd)
+    except OSError as exc:
+        raise RunnerOutputRefused(
+            f"the runner's {name} cannot be opened as a plain file ({exc.strerror})"
+        ) from exc
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file"
+    elif info.st_nlink != 1:
+        problem = f"has {info.st_nlink} names (a hard link)"
+    elif max_bytes is not None and info.st_size > max_bytes:
+        problem = f"is larger than the runner's file size limit ({info.st_size} bytes)"
+    if problem is not None:
+        os.close(fd)
+        raise RunnerOutputRefused(f"the runner's {name} {problem}: nothing was stored")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _runner_files(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """(name, format) of each artifact the result lists; the names must be RUNNER_FILES', each once."""
+    files: list[tuple[str, str]] = []
+    for entry in result.get("artifacts") or []:
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if name not in RUNNER_FILES or entry.get("name") != name or any(name == n for n, _ in files):
+            raise RunnerOutputRefused(
+                f"the runner named an artifact qaas does not make ({str(name)[:100]!r}): nothing was stored"
             )
-        )
+        files.append((name, RUNNER_FILES[name]))
+    if not files:
+        raise RunnerOutputRefused("the runner reported success without an artifact")
+    return files
+
+
+def _store_artifacts(
+    job_id: str,
+    attempt: int,
+    out_fd: int,
+    result: dict[str, Any],
+    metrics: dict[str, Any],
+    max_mb: int | None,
+) -> list[job_service.StoredArtifact]:
+    """Copy the runner's model file into storage (local: temp name, fsync, rename; S3: a multipart upload) with
+    its sha256, plus the report and manifest as JSON artifacts written from the result. Each attempt writes
+    under its own prefix; nothing is left stored when one file is refused."""
+    storage = get_storage()
+    stored: list[job_service.StoredArtifact] = []
+
+    def keep(name: str, fmt: str, source: IO[bytes]) -> None:
+        key = f"artifacts/{job_id}/attempt-{attempt}/{name}"
+        size, sha256 = storage.store_file(source, key)
+        stored.append(job_service.StoredArtifact(name, fmt, size, sha256, key))
+
+    try:
+        for name, fmt in _runner_files(result):
+            with _open_runner_file(out_fd, name, max_mb * 1024 * 1024 if max_mb else None) as source:
+                keep(name, fmt, source)
+        for name, data in (("report.json", metrics), ("manifest.json", result["manifest"])):
+            text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+            keep(name, "json", io.BytesIO(text.encode("utf-8")))
+    except BaseException:
+        for artifact in stored:
+            storage.delete(artifact.storage_key)
+        raise
     return stored

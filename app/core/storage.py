@@ -4,15 +4,17 @@ reader never sees half an object, and both hand the runner local files only (`lo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import urlsplit
 
 from app.core.config import Settings, get_settings
@@ -24,6 +26,26 @@ class StoredFileMissing(FileNotFoundError):
     """The key has no stored file (removed outside qaas)."""
 
 
+# What store_file copies: a path (opened without following a link) or an open binary file (read from its start).
+Source = Path | IO[bytes]
+
+
+@contextlib.contextmanager
+def _opened(source: Source) -> Iterator[IO[bytes]]:
+    """The source as an open binary file: a path is opened with O_NOFOLLOW and must be a regular file."""
+    if not isinstance(source, Path):
+        source.seek(0)
+        yield source
+        return
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{source} is not a regular file")
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as handle:
+        yield handle
+
+
 class Storage(Protocol):
     def temp_path(self, suffix: str = ".part") -> Path:
         """A fresh name for a local temporary file (uploads stream there first)."""
@@ -33,8 +55,9 @@ class Storage(Protocol):
         """Store the finished temporary file under `key`; the temporary file is gone afterwards."""
         ...
 
-    def store_file(self, source: Path, key: str) -> tuple[int, str]:
-        """Copy `source` into storage under `key`; returns (size, sha256)."""
+    def store_file(self, source: Source, key: str) -> tuple[int, str]:
+        """Copy `source` (a path, never followed if a link, or an open binary file) into storage under `key`;
+        returns (size, sha256)."""
         ...
 
     def local_copy(self, key: str, dest_dir: Path) -> Path:
@@ -62,9 +85,17 @@ class LocalStorage:
         return self.tmp_dir / f"{secrets.token_hex(16)}{suffix}"
 
     def path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if self.root.resolve() not in path.parents:
+        """The file of `key`: plain names under the root, and no symbolic link on the way (none is ever made
+        there; one found is refused, never followed)."""
+        parts = key.split("/")
+        if key.startswith("/") or any(part in ("", ".", "..") or "\\" in part for part in parts):
             raise ValueError(f"storage key escapes the data directory: {key!r}")
+        path = self.root.resolve()
+        for part in parts:
+            path = path / part
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISLNK(os.lstat(path).st_mode):
+                    raise ValueError(f"storage key {key!r} passes through a symbolic link")
         return path
 
     def commit(self, tmp_path: Path, key: str, *, sha256: str | None = None) -> None:
@@ -76,13 +107,13 @@ class LocalStorage:
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
 
-    def store_file(self, source: Path, key: str) -> tuple[int, str]:
+    def store_file(self, source: Source, key: str) -> tuple[int, str]:
         """Copy `source` into storage under `key`; returns (size, sha256)."""
         tmp = self.temp_path()
         digest = hashlib.sha256()
         size = 0
         try:
-            with open(source, "rb") as src, open(tmp, "wb") as dst:
+            with _opened(source) as src, open(tmp, "wb") as dst:
                 while chunk := src.read(CHUNK_BYTES):
                     digest.update(chunk)
                     dst.write(chunk)
@@ -183,13 +214,20 @@ class S3Storage:
         )
         tmp_path.unlink(missing_ok=True)
 
-    def store_file(self, source: Path, key: str) -> tuple[int, str]:
-        sha256 = _sha256_of(source)
-        size = source.stat().st_size
-        self.client.upload_file(
-            str(source), self.bucket, self.object_name(key), ExtraArgs={"Metadata": {"sha256": sha256}}
-        )
-        return size, sha256
+    def store_file(self, source: Source, key: str) -> tuple[int, str]:
+        with _opened(source) as handle:
+            digest, size = hashlib.sha256(), 0
+            while chunk := handle.read(CHUNK_BYTES):
+                digest.update(chunk)
+                size += len(chunk)
+            handle.seek(0)
+            self.client.upload_fileobj(
+                handle,
+                self.bucket,
+                self.object_name(key),
+                ExtraArgs={"Metadata": {"sha256": digest.hexdigest()}},
+            )
+        return size, digest.hexdigest()
 
     def local_copy(self, key: str, dest_dir: Path) -> Path:
         """Download `key` into `dest_dir` (streamed to a temporary name, then renamed by boto3)."""

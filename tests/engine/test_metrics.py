@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import fail_or_skip
 from tests.engine.conftest import FAST_BENCHMARK
 from tests.engine.conftest_static import Digits
 from workers.engine.api import QuantResult, quantize
-from workers.engine.bench import LOCK_FD_ENV
+from workers.engine.bench import FALLBACK_LOCK, LOCK_FD_ENV
 from workers.engine.config import DynamicConfig, QATConfig, StaticConfig
 from workers.supervise import BENCH_LOCK_FD_ENV, supervise
 
@@ -92,9 +95,11 @@ def release_later(holder: int, released: threading.Event) -> None:
 def test_a_job_waits_for_the_host_lock_and_says_how_long(
     held_lock: tuple[Path, int], mlp_pt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The engine outside a runner takes the host's lock file itself (tempfile.gettempdir()/qaas-bench.lock)."""
     path, holder = held_lock
-    passed = os.open(path, os.O_RDONLY)  # the runner's own description, as the worker passes it
-    monkeypatch.setenv(LOCK_FD_ENV, str(passed))
+    monkeypatch.delenv(LOCK_FD_ENV, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(path.parent))
+    path.rename(path.parent / FALLBACK_LOCK)
     released = threading.Event()
     said: list[str] = []
 
@@ -103,12 +108,7 @@ def test_a_job_waits_for_the_host_lock_and_says_how_long(
             said.append(message)
             release_later(holder, released)
 
-    try:
-        result = quantize(
-            mlp_pt2, DynamicConfig(benchmark=FAST_BENCHMARK), out_dir=tmp_path, progress=progress
-        )
-    finally:
-        os.close(passed)
+    result = quantize(mlp_pt2, DynamicConfig(benchmark=FAST_BENCHMARK), out_dir=tmp_path, progress=progress)
     assert said and released.is_set()  # it waited, and went on only once the holder let go
     assert result.metrics["environment"]["bench_lock_wait_s"] > 0
 
@@ -123,14 +123,13 @@ with host_lock(on_wait=lambda: print("waiting", flush=True)) as lock:
 
 def test_two_processes_take_turns(held_lock: tuple[Path, int]) -> None:
     path, holder = held_lock
-    passed = os.open(path, os.O_RDONLY)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT), LOCK_FD_ENV: str(passed)}
-    try:
-        child = subprocess.Popen(
-            [sys.executable, "-c", WAITER], env=env, pass_fds=(passed,), stdout=subprocess.PIPE, text=True
-        )
-    finally:
-        os.close(passed)
+    path.rename(path.parent / FALLBACK_LOCK)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(ROOT),
+        "TMPDIR": str(path.parent),
+    }
+    child = subprocess.Popen([sys.executable, "-c", WAITER], env=env, stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "waiting"  # blocked while this process holds the lock
     released = threading.Event()
@@ -141,34 +140,53 @@ def test_two_processes_take_turns(held_lock: tuple[Path, int]) -> None:
 
 
 RUNNER = """
-import json
+import json, sys, time
 from workers.engine.bench import host_lock
 def waiting():
     print(json.dumps({"event": "progress", "stage": "benchmarking", "percent": 75.0, "message": "waiting"}),
           flush=True)
 with host_lock(on_wait=waiting) as lock:
+    print(json.dumps({"event": "progress", "stage": "benchmarking", "percent": 80.0, "message": "holding"}),
+          flush=True)
+    time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0)
     result = {"held": lock.held, "waited_s": lock.waited_s}
 print(json.dumps({"event": "result", "result": result}), flush=True)
 """
 
 
+def _free(path: Path) -> bool:
+    """Whether this process can take the lock at once (nobody holds it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("given", ["path", "descriptor"])
-def test_the_sandboxed_runner_gets_the_lock_open(
+def test_the_worker_holds_the_lock_for_the_sandboxed_runner(
     given: str, held_lock: tuple[Path, int], tmp_path: Path
 ) -> None:
-    """Landlock keeps the runner from opening the lock by name: the worker passes it open."""
+    """Landlock keeps the runner from opening the lock by name, and the runner must hold nothing that could
+    outlive it: it asks, the worker waits for the lock, holds it while the runner benchmarks, lets it go."""
     path, holder = held_lock
     released = threading.Event()
+    held_while_benchmarking: list[bool] = []
 
     def relay(stage: str | None, percent: float | None, message: str | None) -> bool:
         if message == "waiting" and not released.is_set():
             release_later(holder, released)
+        if message == "holding":
+            held_while_benchmarking.append(not _free(path))
         return False
 
     mine = os.open(path, os.O_RDONLY)
     try:
         outcome = supervise(
-            [sys.executable, "-c", textwrap.dedent(RUNNER)],
+            [sys.executable, "-c", textwrap.dedent(RUNNER), "0.5"],
             work_dir=tmp_path / "work",
             timeout_s=120,
             relay=relay,
@@ -178,28 +196,122 @@ def test_the_sandboxed_runner_gets_the_lock_open(
         os.close(mine)
     assert outcome.result is not None, outcome
     assert released.is_set() and outcome.result["held"] is True and outcome.result["waited_s"] > 0
-    # The worker kept no copy of the runner's description: the lock went with the runner.
-    again = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    finally:
-        os.close(again)
+    assert held_while_benchmarking == [True]
+    assert _free(path) and not outcome.lock_notes
 
 
-SHOW_ENV = "import json, os; print(json.dumps({'event': 'result', 'result': dict(os.environ)}))"
+def test_a_runner_that_waits_too_long_benchmarks_without_the_lock(
+    held_lock: tuple[Path, int], tmp_path: Path
+) -> None:
+    path, _ = held_lock  # never released
+    outcome = supervise(
+        [sys.executable, "-c", textwrap.dedent(RUNNER)],
+        work_dir=tmp_path / "work",
+        timeout_s=60,
+        bench_lock=path,
+        bench_lock_wait_s=1.0,
+    )
+    assert outcome.result is not None, outcome
+    assert outcome.result["held"] is False and outcome.result["waited_s"] >= 1.0
+    assert len(outcome.lock_notes) == 1 and "without the host's benchmark lock" in outcome.lock_notes[0]
 
 
-def test_a_lock_path_that_is_not_an_empty_file_is_not_passed(tmp_path: Path) -> None:
-    """A link planted where the lock should be must not hand the runner a file its sandbox keeps from it."""
+def test_a_runner_holding_the_lock_too_long_loses_it(tmp_path: Path) -> None:
+    path = tmp_path / "bench.lock"
+    path.touch()
+    freed_at: list[float] = []
+
+    def relay(stage: str | None, percent: float | None, message: str | None) -> bool:
+        if message == "holding":
+            started = time.monotonic()
+            threading.Thread(target=lambda: freed_at.append(_wait_free(path) - started)).start()
+        return False
+
+    outcome = supervise(
+        [sys.executable, "-c", textwrap.dedent(RUNNER), "4"],
+        work_dir=tmp_path / "work",
+        timeout_s=60,
+        relay=relay,
+        bench_lock=path,
+        bench_lock_hold_s=1.0,
+    )
+    assert outcome.result is not None and outcome.result["held"] is True, outcome
+    assert freed_at and 0.5 < freed_at[0] < 3.5  # given back at its limit, not when the runner said so
+    assert len(outcome.lock_notes) == 1 and "its limit" in outcome.lock_notes[0]
+
+
+def _wait_free(path: Path) -> float:
+    deadline = time.monotonic() + 30
+    while not _free(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return time.monotonic()
+
+
+ESCAPER = """
+import json, os, sys, time
+from workers.engine.bench import host_lock
+lock = host_lock()
+state = lock.__enter__()  # taken and never given back
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        time.sleep(120)  # a process left behind, in a session of its own
+    os._exit(0)
+print(json.dumps({"event": "result", "result": {"held": state.held}}), flush=True)
+os._exit(0)
+"""
+
+
+def test_what_a_runner_leaves_behind_holds_no_lock(tmp_path: Path) -> None:
+    """A runner that takes the lock, double-forks a setsid child and exits: when supervise returns the child
+    is gone and the next runner gets the lock at once."""
+    path = tmp_path / "bench.lock"
+    path.touch()
+    work = tmp_path / "work"
+    outcome = supervise([sys.executable, "-c", ESCAPER], work_dir=work, timeout_s=60, bench_lock=path)
+    assert outcome.result == {"held": True}, outcome
+    if "own_pid_namespace" not in outcome.sandbox:
+        fail_or_skip(f"no PID namespace for the runner here: {outcome.sandbox_gaps.get('own_pid_namespace')}")
+    assert not _processes_in(work)
+    assert _free(path)
+    again = supervise(
+        [sys.executable, "-c", textwrap.dedent(RUNNER)],
+        work_dir=tmp_path / "next",
+        timeout_s=60,
+        bench_lock=path,
+    )
+    assert (
+        again.result == {"held": True, "waited_s": again.result["waited_s"]} and again.result["waited_s"] < 1
+    )
+
+
+def _processes_in(folder: Path) -> list[int]:
+    """PIDs whose working directory is in `folder`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/cwd").startswith(str(folder)):
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_lock_path_that_is_not_an_empty_file_is_not_used(tmp_path: Path) -> None:
+    """A link planted where the lock should be is never opened: the runner benchmarks without the lock."""
     secret = tmp_path / "secret.txt"
     secret.write_text("every tenant's API keys")
     planted = tmp_path / "bench.lock"
     planted.symlink_to(secret)
     for lock in (planted, secret):
         outcome = supervise(
-            [sys.executable, "-c", SHOW_ENV], work_dir=tmp_path / "w", timeout_s=60, bench_lock=lock
+            [sys.executable, "-c", textwrap.dedent(RUNNER)],
+            work_dir=tmp_path / "w",
+            timeout_s=60,
+            bench_lock=lock,
         )
-        assert outcome.result is not None and BENCH_LOCK_FD_ENV not in outcome.result
+        assert outcome.result is not None and outcome.result["held"] is False, outcome
     assert LOCK_FD_ENV == BENCH_LOCK_FD_ENV  # the worker and the engine agree on the name
 
 

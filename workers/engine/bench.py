@@ -31,8 +31,8 @@ __all__ = [
 
 WARMUP_RUNS = 3
 ISA_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
-# The sandboxed runner may not open files outside its work dir: the worker opens the host's lock file and
-# passes the open descriptor, named by this variable (workers.supervise).
+# In a runner the worker holds the host's lock for it: this variable names the two pipes to ask it through
+# ("answers,requests"; workers.benchlock).
 LOCK_FD_ENV = "QAAS_BENCH_LOCK_FD"
 FALLBACK_LOCK = "qaas-bench.lock"  # in tempfile.gettempdir(), for the engine used outside a runner
 LOCK_WAIT = "bench_lock_wait_s"  # Job.cache key: seconds a job's earlier benchmarks waited for the lock
@@ -76,16 +76,19 @@ class HostLock:
     waited_s: float = 0.0
 
 
-def _inherited_fd() -> int | None:
-    """The lock descriptor the worker passed, when it is one: a variable that outlived its descriptor (a
-    child started without it) may name a closed or reused one."""
-    value = os.environ.get(LOCK_FD_ENV, "")
-    if not value.isdigit():
+def _inherited_pipes() -> tuple[int, int] | None:
+    """(answers, requests): the pipes to the worker that holds the lock for this runner (workers.benchlock), when
+    QAAS_BENCH_LOCK_FD names two open ones: a variable that outlived its descriptors (a child started without
+    them) may name closed or reused ones."""
+    answers, _, requests = os.environ.get(LOCK_FD_ENV, "").partition(",")
+    if not (answers.isdigit() and requests.isdigit()):
         return None
     try:
-        return int(value) if stat.S_ISREG(os.fstat(int(value)).st_mode) else None
+        if all(stat.S_ISFIFO(os.fstat(int(fd)).st_mode) for fd in (answers, requests)):
+            return int(answers), int(requests)
     except OSError:
-        return None
+        pass
+    return None
 
 
 def _open_fallback() -> int | None:
@@ -114,17 +117,33 @@ def _acquire(fd: int, on_wait: Callable[[], None] | None) -> bool:
     return True
 
 
+def _ask(pipes: tuple[int, int], on_wait: Callable[[], None] | None) -> bool:
+    """Ask the worker for the lock and wait for its answer; True when it holds the lock for this runner."""
+    answers, requests = pipes
+    try:
+        os.write(requests, b"acquire\n")
+        with os.fdopen(os.dup(answers), "rb", buffering=0) as stream:
+            while True:
+                word = stream.readline(64).strip()
+                if word == b"wait" and on_wait is not None:
+                    on_wait()
+                elif word != b"wait":
+                    return word == b"granted"
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def host_lock(on_wait: Callable[[], None] | None = None) -> Iterator[HostLock]:
     """Hold the host's benchmark lock for the block: one benchmark at a time per host.
 
-    The lock is `flock(LOCK_EX)` on the descriptor named by QAAS_BENCH_LOCK_FD (the runner's, opened by its
-    worker), else on tempfile.gettempdir()/qaas-bench.lock; where neither can be used the block runs
-    unlocked (a benchmark is worth more than the lock). A runner that dies holding the lock releases it with
-    its descriptor.
+    In a runner the worker holds the lock for it: it is asked through the pipes named by QAAS_BENCH_LOCK_FD,
+    and may answer after a bounded wait that the block runs without it (workers.benchlock). Elsewhere the
+    lock is `flock(LOCK_EX)` on tempfile.gettempdir()/qaas-bench.lock; where that cannot be used the block runs
+    unlocked (a benchmark is worth more than the lock).
 
     Args:
-        on_wait: called once, before blocking, when another process holds the lock (to report the wait).
+        on_wait: called once, before blocking, when another benchmark holds the lock (to report the wait).
 
     Example:
         >>> with host_lock() as lock:
@@ -132,13 +151,20 @@ def host_lock(on_wait: Callable[[], None] | None = None) -> Iterator[HostLock]:
         >>> lock.waited_s
         0.0
     """
-    fd = _inherited_fd()
-    owned = fd is None
-    if fd is None:
-        fd = _open_fallback()
     state = HostLock()
+    start = time.monotonic()
+    pipes = _inherited_pipes()
+    if pipes is not None:
+        state.held = _ask(pipes, on_wait)
+        state.waited_s = round(time.monotonic() - start, 3)
+        try:
+            yield state
+        finally:
+            with contextlib.suppress(OSError):
+                os.write(pipes[1], b"release\n")
+        return
+    fd = _open_fallback()
     try:
-        start = time.monotonic()
         if fd is not None and _acquire(fd, on_wait):
             state.held, state.waited_s = True, round(time.monotonic() - start, 3)
         try:
@@ -147,7 +173,7 @@ def host_lock(on_wait: Callable[[], None] | None = None) -> Iterator[HostLock]:
             if fd is not None and state.held:
                 fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
-        if owned and fd is not None:
+        if fd is not None:
             os.close(fd)
 
 
