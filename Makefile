@@ -1,5 +1,7 @@
 # The commands people type. `make run` and `make test` install into .venv first.
-PYTHON ?= python3.11
+# A Python every user can read, Debian's where there is one (not one under root's 0700 home, such as pyenv's):
+# a root worker runs its runner as `nobody`, who must be able to start the venv's Python (docs/security.md).
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) python3.11)
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is pinned to the release the suite was tested with: pip takes the CPU build from this machine's disk,

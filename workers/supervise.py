@@ -44,6 +44,13 @@ BENCH_LOCK_HOLD_S = 900.0
 # After the runner's trampoline is gone: how long the worker waits for the rest of its PID namespace.
 NAMESPACE_GONE_S = 10.0
 LOCK_POLL_S = 0.1
+# What a user can do about a wall-clock limit: a job's own, or an upload's inspection (the deployment's).
+JOB_TIME_LIMIT_ADVICE = "raise timeout_s in the job request or use a smaller model or dataset"
+INSPECTION_TIME_LIMIT_ADVICE = (
+    "reading this upload took longer than the deployment allows (QAAS_INSPECT_TIMEOUT_S); a model or dataset "
+    "that loads in seconds with torch on your machine passes, so re-save it (torch.export.save, np.savez) and "
+    "upload it again"
+)
 # The longest protocol line read from a runner (a result with per-layer metrics is far below it).
 MAX_LINE_BYTES = 32 * 1024 * 1024
 
@@ -173,6 +180,7 @@ def run_runner(
     bench_lock: BenchLock = None,
     bench_lock_wait_s: float = BENCH_LOCK_WAIT_S,
     bench_lock_hold_s: float = BENCH_LOCK_HOLD_S,
+    time_limit_advice: str = JOB_TIME_LIMIT_ADVICE,
 ) -> RunnerOutcome:
     """Run `python -m workers.runner ARGS` in `work_dir`, sandboxed with `limits` (RunnerLimits() when None),
     and wait for its result, relaying progress. It may write only in `work_dir` and the --out folder, and read
@@ -197,6 +205,7 @@ def run_runner(
         bench_lock=bench_lock,
         bench_lock_wait_s=bench_lock_wait_s,
         bench_lock_hold_s=bench_lock_hold_s,
+        time_limit_advice=time_limit_advice,
     )
 
 
@@ -214,6 +223,7 @@ def supervise(
     bench_lock: BenchLock = None,
     bench_lock_wait_s: float = BENCH_LOCK_WAIT_S,
     bench_lock_hold_s: float = BENCH_LOCK_HOLD_S,
+    time_limit_advice: str = JOB_TIME_LIMIT_ADVICE,
 ) -> RunnerOutcome:
     """Run any program that speaks the runner's JSON-lines protocol the way run_runner runs the runner:
     sandboxed, with the runner's environment, the wall-clock limit, progress relayed, limits named, the
@@ -243,7 +253,17 @@ def supervise(
                 stderr=stderr,
                 pass_fds=broker.runner_fds if broker else (),
             )
-            outcome = _follow(proc, stderr, timeout_s, relay, heartbeat_s, limits, dict(plan.gaps), runner)
+            outcome = _follow(
+                proc,
+                stderr,
+                timeout_s,
+                relay,
+                heartbeat_s,
+                limits,
+                dict(plan.gaps),
+                runner,
+                time_limit_advice,
+            )
     finally:
         runner.finish()
     if broker is not None:
@@ -294,6 +314,7 @@ def _follow(
     limits: RunnerLimits,
     gaps: dict[str, str],
     runner: _Runner,
+    advice: str,
 ) -> RunnerOutcome:
     lines: queue_mod.Queue[str | None] = queue_mod.Queue()
     reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
@@ -325,7 +346,7 @@ def _follow(
                 break
             if time.monotonic() >= deadline:
                 _kill(proc)
-                return ended(error_code="time_limit", error_message=_wall_clock_message(timeout_s))
+                return ended(error_code="time_limit", error_message=_wall_clock_message(timeout_s, advice))
             event = _parse(line) if line else None
             stop = False
             if event and first and event.get("event") == "sandbox":
@@ -353,7 +374,7 @@ def _follow(
         cpu_s = _wait(proc, deadline)
         if proc.returncode is None:
             _kill(proc)
-            return ended(error_code="time_limit", error_message=_wall_clock_message(timeout_s))
+            return ended(error_code="time_limit", error_message=_wall_clock_message(timeout_s, advice))
     finally:
         if proc.poll() is None:
             _kill(proc)
@@ -379,11 +400,8 @@ def _follow(
     )
 
 
-def _wall_clock_message(timeout_s: float) -> str:
-    return (
-        f"the job ran past its time limit of {timeout_s:.0f} s and was stopped: "
-        "raise timeout_s in the job request or use a smaller model or dataset"
-    )
+def _wall_clock_message(timeout_s: float, advice: str) -> str:
+    return f"the runner ran past its time limit of {timeout_s:.0f} s and was stopped: {advice}"
 
 
 _MEMORY_SIGNS = (

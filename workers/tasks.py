@@ -26,7 +26,7 @@ from app.services import jobs as job_service
 from app.services import models as model_service
 from workers import upkeep
 from workers.sandbox import RunnerLimits
-from workers.supervise import RunnerOutcome, run_runner
+from workers.supervise import INSPECTION_TIME_LIMIT_ADVICE, RunnerOutcome, run_runner
 
 log = logging.getLogger("qaas.worker")
 # What `qaas worker` did to its own process before Celery started (see workers.sandbox).
@@ -89,6 +89,7 @@ def _inspect(cls: type[Stored], object_id: str, command: str) -> None:
             timeout_s=settings.inspect_timeout_s,
             limits=RunnerLimits.from_settings(settings),
             bench_lock=False,  # an inspection never benchmarks
+            time_limit_advice=INSPECTION_TIME_LIMIT_ADVICE,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -170,3 +170,42 @@ def test_a_link_flipped_after_the_runner_exits_is_never_followed(
                 assert not os.readlink(f"/proc/{entry}/cwd").startswith(str(work)), entry
             except OSError:
                 continue
+
+
+def test_an_upload_whose_loading_hangs_is_told_what_it_can_do(
+    service_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that loops while it loads (a `__setstate__` that never returns) ends its inspection at the time
+    limit with advice for an upload, not for a job request."""
+    from app.core.config import get_settings
+    from app.models import Model
+    from tests.api.conftest import upload
+    from workers import tasks
+
+    monkeypatch.setattr(get_settings(), "inspect_timeout_s", 2)
+    with TestClient(create_app()) as client:
+        response = upload(client, "/v1/models", b"loops forever when loaded")
+        assert response.status_code == 201, response.text
+        model_id = response.json()["id"]
+
+    def looping_runner(args: list[str], **kwargs: Any) -> supervise_module.RunnerOutcome:
+        work_dir = kwargs.pop("work_dir").resolve()
+        reads, writes = supervise_module._runner_paths(args, work_dir)
+        return supervise_module.supervise(
+            [sys.executable, "-c", "while True: pass"],
+            work_dir=work_dir,
+            read_paths=reads,
+            write_dirs=writes,
+            **kwargs,
+        )
+
+    monkeypatch.setattr(tasks, "run_runner", looping_runner)
+    started = time.monotonic()
+    tasks.inspect_model(model_id)
+    assert time.monotonic() - started < 30
+    with session_scope() as session:
+        model = session.get(Model, model_id)
+        assert model is not None and model.status == "invalid"
+        assert model.error_code == "time_limit"
+        assert "QAAS_INSPECT_TIMEOUT_S" in (model.error_message or "")
+        assert "timeout_s in the job request" not in (model.error_message or "")
