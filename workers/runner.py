@@ -67,7 +67,7 @@ def _parse_json(text: str | None, code: str, what: str) -> Any:
         return None
     try:
         return json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise EngineError(code, f"{what} is not valid JSON ({exc})") from exc
 
 

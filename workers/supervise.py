@@ -460,7 +460,7 @@ def _wait(proc: subprocess.Popen[str], deadline: float) -> float | None:
 def _parse(line: str) -> dict[str, Any] | None:
     try:
         value = json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         log.warning("runner printed a line that is not JSON: %.200s", line)
         return None
     return value if isinstance(value, dict) else None

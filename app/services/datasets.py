@@ -30,6 +30,8 @@ def parse_preprocess(raw: str | None) -> dict[str, Any] | None:
         raise InvalidRequest(
             f"preprocess is not valid JSON ({exc.msg}): {hint}", code="invalid_preprocess"
         ) from None
+    except RecursionError:  # nested deeper than the parser's stack: no real value is
+        raise InvalidRequest(f"preprocess is nested too deeply: {hint}", code="invalid_preprocess") from None
     allowed = {"resize", "crop", "mean", "std"}
     if not isinstance(value, dict) or not set(value) <= allowed:
         raise InvalidRequest(

@@ -100,7 +100,7 @@ def _safetensors_header(path: Path) -> dict[str, Any] | None:
         return None
     try:
         header = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # a header nested thousands deep is not a dataset's
         return None
     return header if isinstance(header, dict) else None
 
@@ -375,7 +375,7 @@ def _longest_sequence(directory: Path) -> int:
 
     try:
         return max_sequence_length(json.loads((directory / "config.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, RecursionError):
         return MAX_TOKENS  # a tokenizer folder without a usable config: the tokenizer's own limit applies
 
 
