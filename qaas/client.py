@@ -9,8 +9,9 @@ Example:
         print(job.status, job.metrics["size"]["ratio"] if job.metrics else job.error)
         qaas.download_all(job, "out/")  # every artifact, each checked against its sha256
 
-Results are small frozen dataclasses (`Model`, `Dataset`, `Job`) whose `.raw` is the JSON the API sent;
-they also read like that JSON (`job["status"]`, `job.get("metrics")`), as the dicts earlier versions returned.
+Results are small frozen dataclasses (`Model`, `Dataset`, `Job`, and `JobSummary` from the job lists) whose
+`.raw` is the JSON the API sent; they also read like that JSON (`job["status"]`, `job.get("metrics")`), as the
+dicts earlier versions returned.
 """
 
 from __future__ import annotations
@@ -139,6 +140,11 @@ class Progress:
     percent: float
     message: str | None
 
+    @classmethod
+    def of(cls, value: Any) -> Progress:
+        value = value or {}
+        return cls(value.get("stage"), float(value.get("percent") or 0), value.get("message"))
+
 
 @dataclass(frozen=True)
 class Artifact:
@@ -170,15 +176,13 @@ class Job(_Json):
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Job:
         backend = raw.get("backend") or {}
-        progress = raw.get("progress") or {}
         artifacts = tuple(
             Artifact(a["name"], a.get("format", ""), a.get("size_bytes", 0), a["sha256"], a.get("url", ""))
             for a in raw.get("artifacts") or []
         )
         return cls(
             raw["id"], raw.get("model_id", ""), raw["status"], raw.get("mode", ""),
-            backend.get("requested", ""), backend.get("chosen"),
-            Progress(progress.get("stage"), float(progress.get("percent") or 0), progress.get("message")),
+            backend.get("requested", ""), backend.get("chosen"), Progress.of(raw.get("progress")),
             raw.get("metrics"), artifacts, Error.of(raw.get("error")),
             _time(raw.get("created_at")), _time(raw.get("started_at")), _time(raw.get("finished_at")), raw,
         )  # fmt: skip
@@ -194,6 +198,42 @@ class Job(_Json):
                 return artifact
         names = ", ".join(a.name for a in self.artifacts) or "none yet"
         raise KeyError(f"job {self.id} has no artifact {name!r} (it has: {names})")
+
+
+@dataclass(frozen=True, eq=False)
+class JobSummary(_Json):
+    """A job as lists give it (`Client.jobs`): no config, metrics or artifacts, but the headline numbers.
+    `Client.job(summary)` fetches the whole job."""
+
+    id: str
+    model_id: str
+    status: str  # queued, running, succeeded, failed, cancelled
+    mode: str
+    backend: str  # as asked: auto, fbgemm, x86
+    backend_chosen: str | None
+    progress: Progress
+    error: Error | None
+    size_ratio: float | None  # fp32 size / int8 size
+    speedup: float | None  # fp32 / int8 p50 latency at the first batch size measured
+    sqnr_db: float | None
+    created_at: datetime | None
+    finished_at: datetime | None
+    raw: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> JobSummary:
+        backend = raw.get("backend") or {}
+        return cls(
+            raw["id"], raw.get("model_id", ""), raw["status"], raw.get("mode", ""),
+            backend.get("requested", ""), backend.get("chosen"), Progress.of(raw.get("progress")),
+            Error.of(raw.get("error")), raw.get("size_ratio"), raw.get("speedup"), raw.get("sqnr_db"),
+            _time(raw.get("created_at")), _time(raw.get("finished_at")), raw,
+        )  # fmt: skip
+
+    @property
+    def done(self) -> bool:
+        """Succeeded, failed or cancelled: the job will not change any more."""
+        return self.status in TERMINAL
 
 
 ObjectT = TypeVar("ObjectT", Model, Dataset, Job)
@@ -380,15 +420,17 @@ class Client:
 
     def iter_jobs(
         self, *, status: str | None = None, model_id: str | None = None, page_size: int = 100
-    ) -> Iterator[Job]:
-        """Every job, newest first, fetched a page at a time as the iteration goes on."""
+    ) -> Iterator[JobSummary]:
+        """Every job, newest first, fetched a page at a time as the iteration goes on. Summaries:
+        `job(summary)` fetches one whole (config, metrics, artifacts)."""
         for raw in self._pages("/v1/jobs", {"status": status, "model_id": model_id}, page_size):
-            yield Job.from_json(raw)
+            yield JobSummary.from_json(raw)
 
     def jobs(
         self, *, status: str | None = None, model_id: str | None = None, limit: int | None = 20
-    ) -> list[Job]:
-        """The newest `limit` jobs (None: all), following the pages; filter by status or model."""
+    ) -> list[JobSummary]:
+        """The newest `limit` jobs (None: all) as summaries, following the pages; filter by status or model.
+        `job(summary)` fetches one whole."""
         pages = self.iter_jobs(status=status, model_id=model_id, page_size=limit or 100)
         return list(itertools.islice(pages, limit))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:  # imported when a command runs: `qaas serve` and `qaas --help` need no httpx
-    from qaas.client import Client, Dataset, Job, Model
+    from qaas.client import Client, Dataset, Job, JobSummary, Model
 
 TIMEOUT_GRACE_S = 30  # --wait outlasts --timeout by this much, so the server's own time limit is what shows
 
@@ -415,7 +415,7 @@ def _finish(client: Client, job: Job, out: Path) -> int:
 # --- qaas jobs ------------------------------------------------------------------------------------------
 
 
-def _age(job: Job) -> str:
+def _age(job: Job | JobSummary) -> str:
     return job.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if job.created_at else "-"
 
 
@@ -431,8 +431,6 @@ def cmd_jobs_list(args: argparse.Namespace, client: Client) -> int:
         return 0
     rows = []
     for job in jobs:
-        size = (job.metrics or {}).get("size") or {}
-        latency = (job.metrics or {}).get("latency") or [{}]
         rows.append(
             [
                 job.id,
@@ -440,8 +438,8 @@ def cmd_jobs_list(args: argparse.Namespace, client: Client) -> int:
                 job.mode,
                 job.backend_chosen or job.backend,
                 f"{job.progress.percent:.0f}%" if job.status == "running" else "",
-                f"{size['ratio']:.2f}x" if size else "",
-                f"{latency[0]['speedup']:.2f}x" if "speedup" in latency[0] else "",
+                f"{job.size_ratio:.2f}x" if job.size_ratio is not None else "",
+                f"{job.speedup:.2f}x" if job.speedup is not None else "",
                 _age(job),
                 job.error.code if job.error else "",
             ]

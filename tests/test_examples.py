@@ -102,7 +102,7 @@ def test_curl_quick_start(served: Served, tmp_path: Path) -> None:
     assert '"status": "ready"' in done.stdout and '"status": "succeeded"' in done.stdout, done.stdout
     assert '"ratio": ' in done.stdout and "torch.jit.load" in done.stdout
     with Client(served.url, api_key=served.key) as client:
-        job = client.jobs(limit=1)[0]
+        job = client.job(client.jobs(limit=1)[0])  # the list's summary, then the whole job
     assert job.status == "succeeded" and job.mode == "dynamic"
     listed = job.artifact("model.int8.ts").sha256
     assert hashlib.sha256((work / "model.int8.ts").read_bytes()).hexdigest() == listed

@@ -1,5 +1,6 @@
 """The gate in front of every /v1 route, before any of the request body is read: who is calling (API key),
-whether they are over their request rate, and how large a non-upload body may be.
+whether their address sent too many wrong keys lately, whether they are over their request rate, and how large
+a non-upload body may be.
 
 A pure ASGI middleware rather than a FastAPI dependency: FastAPI reads and parses a JSON body before it runs
 dependencies, and an upload route must refuse an unauthenticated 1 GB body without reading a byte of it.
@@ -8,6 +9,7 @@ dependencies, and an upload route must refuse an unauthenticated 1 GB body witho
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
@@ -20,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
-from app.core.ratelimit import get_limiter
+from app.core.ratelimit import get_limiter, seconds_left
 from app.services.auth import ANONYMOUS, Caller, check_key
 
 log = logging.getLogger("qaas.api")
@@ -45,14 +47,95 @@ def presented_key(scope: Scope) -> str | None:
     return headers.get("x-api-key", "").strip() or None
 
 
-def _authenticate(settings: Settings, key: str) -> tuple[Caller | None, bool]:
-    """(caller or None, within its rate). Runs in a worker thread: database and Redis calls block."""
+def client_address(scope: Scope) -> str:
+    """The address failed key attempts are counted against: the TCP peer's.
+
+    Behind a reverse proxy that is the proxy's address, shared by every client behind it, so one client's
+    wrong keys would lock all of them out. qaas itself trusts no X-Forwarded-For (any client can send one);
+    uvicorn replaces the peer with that header's client only when the peer is listed in its
+    FORWARDED_ALLOW_IPS environment variable (default: 127.0.0.1 and ::1, so a proxy on the same machine is
+    already understood). Set it to the proxy's address when the proxy runs elsewhere.
+    """
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a presented key gets no answer: the error response to send instead."""
+
+    status: int
+    code: str
+    detail: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def response(self) -> JSONResponse:
+        return _json(self.status, self.code, self.detail, self.headers)
+
+
+INVALID_KEY = Refusal(
+    401,
+    "invalid_api_key",
+    "the API key is unknown or revoked: check it, or ask an operator for a new one (`qaas keys create`)",
+    {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+)
+FAILED_ATTEMPTS_WINDOW_S = 60
+
+
+def check_caller(settings: Settings, key: str, address: str) -> Caller | Refusal:
+    """The caller a presented key stands for, or why it is refused: too many wrong keys from `address` lately
+    (decided before the key is looked at, so a throttled address learns nothing more about keys), a wrong key
+    (counted against `address`), or a key over its request rate. The one check of a key, for the gate and for
+    GET /readyz. Blocking (database and Redis): call it from a worker thread. Raises SQLAlchemyError when the
+    database cannot check the key."""
+    limiter = get_limiter()
+    failures_allowed = settings.auth_failures_per_minute
+    failures = f"auth_failures:{address}"
+    if failures_allowed and limiter.count(failures, FAILED_ATTEMPTS_WINDOW_S) >= failures_allowed:
+        return Refusal(
+            429,
+            "too_many_failed_attempts",
+            f"{failures_allowed} wrong API keys came from {address} this minute "
+            "(QAAS_AUTH_FAILURES_PER_MINUTE), so its keys are not checked until the minute ends: check the "
+            "key, then retry after the Retry-After seconds",
+            {"Retry-After": str(seconds_left(FAILED_ATTEMPTS_WINDOW_S))},
+        )
     with session_scope() as session:
         caller = check_key(session, key)
-    if caller is None or settings.rate_limit_rps == 0:
-        return caller, True
+    if caller is None:
+        # Over `allowed - 1`: this failure used the allowance up (logged once per address and window).
+        if failures_allowed and not limiter.hit(failures, failures_allowed - 1, FAILED_ATTEMPTS_WINDOW_S):
+            log.warning(
+                "%d wrong API keys from %s within a minute: refusing its keys", failures_allowed, address
+            )
+        return INVALID_KEY
+    if settings.rate_limit_rps == 0:
+        return caller
     assert caller.key_id is not None
-    return caller, get_limiter().hit(caller.key_id, settings.rate_limit_rps)
+    if not limiter.hit(caller.key_id, settings.rate_limit_rps):
+        return Refusal(
+            429,
+            "rate_limited",
+            f"more than {settings.rate_limit_rps} requests in one second with this key "
+            "(QAAS_RATE_LIMIT_RPS): slow down and retry after the Retry-After seconds",
+            {"Retry-After": "1"},
+        )
+    return caller
+
+
+def key_holder(scope: Scope, settings: Settings) -> Caller | None:
+    """For a route outside /v1 that shows more to callers with a valid key (GET /readyz): the caller, or None
+    when the request has no key, a refused one (counted as the gate counts it), or one the database cannot
+    check. Blocking: call it from a sync route."""
+    key = presented_key(scope)
+    if key is None:
+        return None
+    try:
+        found = check_caller(settings, key, client_address(scope))
+    except SQLAlchemyError as exc:
+        log.warning("API key not checked: %s", exc)
+        return None
+    return found if isinstance(found, Caller) else None
 
 
 class GuardMiddleware:
@@ -73,7 +156,7 @@ class GuardMiddleware:
                 )
                 return
             try:
-                found, within_rate = await run_in_threadpool(_authenticate, settings, key)
+                found = await run_in_threadpool(check_caller, settings, key, client_address(scope))
             except SQLAlchemyError as exc:  # unreachable, or every pooled connection busy
                 log.warning("API key not checked: %s", exc)
                 await _json(
@@ -83,23 +166,8 @@ class GuardMiddleware:
                     {"Retry-After": "5"},
                 )(scope, receive, send)
                 return
-            if found is None:
-                await _json(
-                    401,
-                    "invalid_api_key",
-                    "the API key is unknown or revoked: check it, or ask an operator for a new one "
-                    "(`qaas keys create`)",
-                    {"WWW-Authenticate": 'Bearer error="invalid_token"'},
-                )(scope, receive, send)
-                return
-            if not within_rate:
-                await _json(
-                    429,
-                    "rate_limited",
-                    f"more than {settings.rate_limit_rps} requests in one second with this key "
-                    "(QAAS_RATE_LIMIT_RPS): slow down and retry after the Retry-After seconds",
-                    {"Retry-After": "1"},
-                )(scope, receive, send)
+            if isinstance(found, Refusal):
+                await found.response()(scope, receive, send)
                 return
             caller = found
         scope.setdefault("state", {})["caller"] = caller

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +30,25 @@ class ObjectError(BaseModel):
     message: str
 
 
+class WorkerOut(BaseModel):
+    """A worker heard from lately, and the runner protections it gives its jobs."""
+
+    id: str = Field(description="host name:PID")
+    last_seen_at: datetime
+    concurrency: int
+    sandbox: list[str] = Field(description="The runner protections in force.")
+    sandbox_gaps: dict[str, Any] = Field(description="Why each missing protection is off.")
+
+
+class Readiness(BaseModel):
+    """GET /readyz. Callers without a valid API key (QAAS_AUTH=required) get `status` alone."""
+
+    status: Literal["ready"]
+    database: Literal["ok"] | None = None
+    broker: Literal["ok"] | None = None
+    workers: list[WorkerOut] | None = None
+
+
 # What every /v1 route can answer before it runs (app.api.guard): declared on the routers.
 GUARDED = (401, 413, 429)
 
@@ -39,7 +59,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, object]]:
         400: "Bad request",
         401: "No API key, or an unknown or revoked one",
         410: "Deleted by the retention policy (QAAS_RETENTION_DAYS)",
-        429: "Over a quota or the request rate: see Retry-After",
+        429: "Over a quota, the request rate, or too many wrong API keys from this address: see Retry-After",
         404: "Not found",
         409: "Conflict with the object's state",
         413: "Body larger than QAAS_MAX_UPLOAD_BYTES (uploads) or QAAS_MAX_JSON_BYTES",

@@ -108,6 +108,8 @@ class ArtifactOut(BaseModel):
 
 
 class JobOut(BaseModel):
+    """The whole job (GET /v1/jobs/{id}): lists give a JobSummary."""
+
     model_config = ConfigDict(
         json_schema_extra={
             "example": {
@@ -156,3 +158,60 @@ class JobOut(BaseModel):
     manifest: dict[str, Any] | None = None
     report_url: str | None = None
     report_html_url: str | None = None
+
+
+# The headline numbers of a finished job (the JobMetrics columns), as lists show them.
+SizeRatio = Annotated[float | None, Field(description="fp32 size / int8 size.")]
+Speedup = Annotated[
+    float | None,
+    Field(description="fp32 p50 / int8 p50 latency at batch 1, or at the first batch size measured."),
+]
+SqnrDb = Annotated[float | None, Field(description="Output SQNR of int8 against fp32, in dB.")]
+AccuracyDelta = Annotated[float | None, Field(description="int8 - fp32 top-1 accuracy, percentage points.")]
+
+
+class JobSummary(BaseModel):
+    """A job in a list (GET /v1/jobs): what it is, how far it got and its headline numbers, a few hundred
+    bytes whatever its size. Its `url` (GET /v1/jobs/{id}) has the rest: config, metrics, artifacts,
+    manifest, runner, load snippet."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "id": "job_01jf3k9v2q8x7w6t5r4p3n2m1",
+                "url": "/v1/jobs/job_01jf3k9v2q8x7w6t5r4p3n2m1",
+                "model_id": "mdl_01jf3k9v2q8x7w6t5r4p3n2m1",
+                "status": "succeeded",
+                "mode": "static",
+                "backend": {"requested": "auto", "chosen": "x86"},
+                "progress": {"stage": "saving", "percent": 100.0, "message": "done"},
+                "attempts": 1,
+                "created_at": "2026-11-27T10:00:00Z",
+                "started_at": "2026-11-27T10:00:01Z",
+                "finished_at": "2026-11-27T10:02:31Z",
+                "error": None,
+                "size_ratio": 3.971,
+                "speedup": 4.412,
+                "sqnr_db": 27.3,
+                "accuracy_delta": -0.4,
+                "report_url": "/v1/jobs/job_01jf3k9v2q8x7w6t5r4p3n2m1/report",
+            }
+        }
+    )
+    id: str
+    url: str = Field(description="The whole job.")
+    model_id: str
+    status: JobStatus
+    mode: Mode
+    backend: BackendOut
+    progress: Progress
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: ObjectError | None = None
+    size_ratio: SizeRatio = None
+    speedup: Speedup = None
+    sqnr_db: SqnrDb = None
+    accuracy_delta: AccuracyDelta = None
+    report_url: str | None = Field(None, description="The full metrics (JSON); null until the job has them.")

@@ -179,8 +179,10 @@ class FuzzTarget:
 def fuzz_app(service_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FuzzTarget]:
     """The app over the seed data."""
     # A per-key request rate would turn answers into 429s depending on how fast this machine is: the results
-    # must not depend on timing. (The quotas stay on: they depend only on what the requests did.)
+    # must not depend on timing. (The quotas stay on: they depend only on what the requests did.) Likewise the
+    # wrong keys `ignored_auth` sends would lock the test client's address out for the rest of the minute.
     monkeypatch.setenv("QAAS_RATE_LIMIT_RPS", "0")
+    monkeypatch.setenv("QAAS_AUTH_FAILURES_PER_MINUTE", "0")
     authorization = None
     auth = auth_service()
     if auth is not None:

@@ -75,10 +75,12 @@ def test_make_run_serves_and_the_readme_quick_start_works(tmp_path: Path) -> Non
         assert '"status": "succeeded"' in done.stdout, done.stdout
         assert "torch.jit.load" in done.stdout
         artifact = (work / "model.int8.ts").read_bytes()
-        jobs = httpx.get(f"{url}/v1/jobs").json()["items"]
-        listed = next(a for a in jobs[0]["artifacts"] if a["name"] == "model.int8.ts")
+        summary = httpx.get(f"{url}/v1/jobs").json()["items"][0]
+        assert summary["size_ratio"] > 3
+        job = httpx.get(f"{url}{summary['url']}").json()
+        listed = next(a for a in job["artifacts"] if a["name"] == "model.int8.ts")
         assert hashlib.sha256(artifact).hexdigest() == listed["sha256"]
-        assert jobs[0]["metrics"]["size"]["ratio"] > 3
+        assert job["metrics"]["size"]["ratio"] > 3
     finally:
         # Ctrl-C, as a person stops it: make, the API and its worker child all exit.
         group = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()

@@ -10,14 +10,45 @@ from app.api.deps import ReleasingRoute, SessionDep, SettingsDep, StorageDep, re
 from app.api.guard import CallerDep
 from app.api.routes.common import CursorQuery, LimitQuery, file_response
 from app.models import Job
-from app.schemas.common import GUARDED, Page, error_responses
-from app.schemas.jobs import ArtifactOut, BackendOut, JobCreate, JobOut, JobStatus, Progress
+from app.schemas.common import GUARDED, ObjectError, Page, error_responses
+from app.schemas.jobs import ArtifactOut, BackendOut, JobCreate, JobOut, JobStatus, JobSummary, Progress
 from app.services import jobs as service
 from app.services import reports
 
 router = APIRouter(
     route_class=ReleasingRoute, prefix="/v1/jobs", tags=["jobs"], responses=error_responses(*GUARDED)
 )
+
+
+def _job_error(job: Job) -> ObjectError | None:
+    return ObjectError(code=job.error_code, message=job.error_message or "") if job.error_code else None
+
+
+def _report_url(job: Job) -> str | None:
+    return f"/v1/jobs/{job.id}/report" if job.metrics is not None else None
+
+
+def job_summary(job: Job) -> JobSummary:
+    m = job.metrics
+    return JobSummary(
+        id=job.id,
+        url=f"/v1/jobs/{job.id}",
+        model_id=job.model_id,
+        status=job.status,
+        mode=job.mode,
+        backend=BackendOut(requested=job.backend_requested, chosen=job.backend_chosen),
+        progress=Progress(stage=job.stage, percent=job.percent, message=job.message),
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        error=_job_error(job),
+        size_ratio=m.size_ratio if m else None,
+        speedup=m.speedup if m else None,
+        sqnr_db=m.sqnr_db if m else None,
+        accuracy_delta=m.accuracy_delta if m else None,
+        report_url=_report_url(job),
+    )
 
 
 def job_out(job: Job, artifacts: list[Any]) -> JobOut:
@@ -37,7 +68,7 @@ def job_out(job: Job, artifacts: list[Any]) -> JobOut:
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
-        error={"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
+        error=_job_error(job),
         metrics=job.metrics.data if job.metrics is not None else None,
         artifacts=[
             ArtifactOut(
@@ -53,7 +84,7 @@ def job_out(job: Job, artifacts: list[Any]) -> JobOut:
         load_snippet=job.load_snippet,
         runner=job.runner,
         manifest=job.manifest,
-        report_url=f"/v1/jobs/{job.id}/report" if job.metrics is not None else None,
+        report_url=_report_url(job),
         report_html_url=f"/v1/jobs/{job.id}/report.html" if job.metrics is not None else None,
     )
 
@@ -83,7 +114,7 @@ def create_job(
     return job_out(job, service.artifacts_of(session, job.id))
 
 
-@router.get("", response_model=Page[JobOut], summary="List jobs")
+@router.get("", response_model=Page[JobSummary], summary="List jobs")
 def list_jobs(
     session: SessionDep,
     caller: CallerDep,
@@ -91,14 +122,13 @@ def list_jobs(
     cursor: CursorQuery = None,
     status: JobStatus | None = None,
     model_id: str | None = None,
-) -> Page[JobOut]:
-    """Jobs, newest first, filtered by status and model."""
+) -> Page[JobSummary]:
+    """Jobs, newest first, filtered by status and model, as summaries: status, progress, error and headline
+    numbers. GET a job's `url` for its config, metrics, artifacts and manifest."""
     rows, next_cursor = service.list_jobs(
         session, tenant_id=caller.tenant_id, limit=limit, cursor=cursor, status=status, model_id=model_id
     )
-    return Page[JobOut](
-        items=[job_out(job, service.artifacts_of(session, job.id)) for job in rows], next_cursor=next_cursor
-    )
+    return Page[JobSummary](items=[job_summary(job) for job in rows], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Get a job", responses=error_responses(404))
