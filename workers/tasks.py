@@ -24,6 +24,7 @@ from app.models import Dataset, Job, Model
 from app.services import datasets as dataset_service
 from app.services import jobs as job_service
 from app.services import models as model_service
+from app.services import stored as stored_service
 from workers import upkeep
 from workers.sandbox import RunnerLimits
 from workers.supervise import INSPECTION_TIME_LIMIT_ADVICE, RunnerOutcome, run_runner
@@ -97,16 +98,32 @@ def _inspect(cls: type[Stored], object_id: str, command: str) -> None:
         service.record_inspection(session, object_id, result=outcome.result, error=_error_of(outcome))
 
 
+def _inspect_next() -> None:
+    """Inspect the upload that is fairly next across tenants (app.services.stored.claim_next_inspection)."""
+    settings = get_settings()
+    with session_scope() as session:
+        picked = stored_service.claim_next_inspection(session, timeout_s=settings.inspect_timeout_s)
+    if picked is None:
+        log.info("no upload is waiting for inspection")
+        return
+    cls, object_id = picked
+    if cls is Model:
+        _inspect(Model, object_id, "inspect-model")
+    else:
+        _inspect(Dataset, object_id, "inspect-dataset")
+
+
 @celery.task(name=queue.INSPECT_MODEL)
 def inspect_model(model_id: str) -> None:
-    """Load the uploaded model in a runner and record its inputs, parameters and layers."""
-    _inspect(Model, model_id, "inspect-model")
+    """An upload's turn: load the fairly next waiting upload (`model_id` itself unless another tenant waits with
+    fewer inspections running) in a runner and record its inputs, parameters and layers, or why it is invalid."""
+    _inspect_next()
 
 
 @celery.task(name=queue.INSPECT_DATASET)
 def inspect_dataset(dataset_id: str) -> None:
-    """Read the uploaded dataset in a runner and record its tensors and sample count."""
-    _inspect(Dataset, dataset_id, "inspect-dataset")
+    """An upload's turn, as inspect_model: the fairly next waiting upload is read in a runner."""
+    _inspect_next()
 
 
 def _job_spec(job: Job, model: Model, datasets: dict[str, Any]) -> dict[str, Any]:

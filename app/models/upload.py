@@ -25,3 +25,5 @@ class UploadedFile:
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     # Set when retention deleted the file (status `expired`): the row stays, pointing at nothing.
     expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When a worker claimed its inspection (app/services/stored.py, claim_next_inspection).
+    inspection_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

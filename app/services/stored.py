@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core import queue
@@ -14,6 +16,7 @@ from app.core.errors import not_found
 from app.core.ids import new_id
 from app.core.storage import Storage
 from app.models import Dataset, Model
+from app.models.common import utcnow
 from app.services.pagination import paginate
 from app.services.uploads import ReceivedUpload
 
@@ -90,3 +93,53 @@ def record_inspection(
     row.status = "ready"
     row.format = result.get("format")
     apply(row, result)
+
+
+# Uploads looked at per table when picking the next inspection: the oldest waiting of every tenant are among
+# them unless one tenant has this many waiting (its inspection quota keeps it far below).
+CANDIDATES = 500
+# A claim older than the inspection time limit plus this is a worker that died: the upload may be taken again.
+CLAIM_MARGIN_S = 60.0
+
+
+def claim_next_inspection(
+    session: Session, *, timeout_s: float, now: datetime | None = None
+) -> tuple[type[Model] | type[Dataset], str] | None:
+    """Claim the next upload to inspect, fairly across tenants, and return (its class, its id); None when
+    every waiting upload is claimed.
+
+    An inspection message is a turn, not an order: whichever upload it was sent for, the worker inspects the
+    waiting upload of the tenant with the fewest inspections running now, the oldest first. A tenant that
+    uploads many models whose loading hangs until the time limit thus keeps at most its share of the workers,
+    and another tenant's upload goes next. The claim is a conditional UPDATE (two workers never take the same
+    upload); a claim older than `timeout_s` plus a margin belongs to a dead worker and is taken again.
+    """
+    now = now or utcnow()
+    stale = now - timedelta(seconds=timeout_s + CLAIM_MARGIN_S)
+    running: Counter[str] = Counter()
+    waiting: list[tuple[datetime, str, type[Model] | type[Dataset], str]] = []
+    for cls in (Model, Dataset):
+        inspecting = cls.status == "inspecting"
+        claimed = cls.inspection_started_at >= stale
+        running.update(session.scalars(select(cls.tenant_id).where(inspecting, claimed)))
+        free = or_(cls.inspection_started_at.is_(None), cls.inspection_started_at < stale)
+        rows = session.execute(
+            select(cls.created_at, cls.tenant_id, cls.id)
+            .where(inspecting, free)
+            .order_by(cls.created_at, cls.id)
+            .limit(CANDIDATES)
+        )
+        waiting += [(created, tenant, cls, object_id) for created, tenant, object_id in rows]
+    for _, _, cls, object_id in sorted(waiting, key=lambda w: (running[w[1]], w[0], w[3])):
+        taken = session.execute(
+            update(cls)
+            .where(
+                cls.id == object_id,
+                cls.status == "inspecting",
+                or_(cls.inspection_started_at.is_(None), cls.inspection_started_at < stale),
+            )
+            .values(inspection_started_at=now)
+        )
+        if taken.rowcount == 1:  # type: ignore[attr-defined]
+            return cls, object_id
+    return None
