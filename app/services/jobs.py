@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, case, func, literal, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -19,7 +19,7 @@ from app.core.db import after_commit
 from app.core.errors import Conflict, Gone, InvalidRequest, NotFound, not_found
 from app.core.ids import new_id
 from app.models import Artifact, Dataset, Job, JobMetrics
-from app.models.common import utcnow
+from app.models.common import UTCDateTime, utcnow
 from app.schemas.jobs import JobCreate
 from app.services import quotas
 from app.services.datasets import get_dataset
@@ -229,22 +229,30 @@ def get_artifact(session: Session, job_id: str, name: str, *, tenant_id: str) ->
 
 
 def cancel_job(session: Session, job_id: str, *, tenant_id: str) -> Job:
-    """Queued jobs end at once; a running job is flagged and its worker stops the runner within seconds."""
-    job = session.get(Job, job_id, with_for_update=True)
+    """Queued jobs end at once; a running job is flagged and its worker stops the runner within seconds.
+
+    One conditional UPDATE, so that a job finishing meanwhile is never flagged after the fact: a read then a
+    write could answer 202 for a job that succeeded between the two on SQLite, where FOR UPDATE locks nothing.
+    A 202 is a promise that `succeed_job` keeps: a flagged job ends cancelled."""
+    now = utcnow()
+    queued = Job.status == "queued"
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status.in_(("queued", "running")))
+        .values(
+            cancel_requested_at=func.coalesce(Job.cancel_requested_at, literal(now, UTCDateTime())),
+            status=case((queued, "cancelled"), else_=Job.status),
+            finished_at=case((queued, literal(now, UTCDateTime())), else_=Job.finished_at),
+            message=case((queued, "cancelled before it started"), else_="cancelling"),
+        )
+    )
+    job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.tenant_id != tenant_id:
         raise not_found("job", job_id)
-    if job.status in TERMINAL:
+    if result.rowcount != 1:  # type: ignore[attr-defined]
         raise Conflict(
             f"job {job_id} has already finished ({job.status}): nothing to cancel", code="job_finished"
         )
-    now = utcnow()
-    job.cancel_requested_at = now
-    if job.status == "queued":
-        job.status = "cancelled"
-        job.finished_at = now
-        job.message = "cancelled before it started"
-    else:
-        job.message = "cancelling"
     return job
 
 
@@ -301,12 +309,13 @@ def record_progress(
     return cancel_at is not None
 
 
-def _finish(session: Session, job_id: str, worker_id: str, **values: Any) -> bool:
+def _finish(session: Session, job_id: str, worker_id: str, *conditions: Any, **values: Any) -> bool:
+    """End this worker's running job (and any further `conditions`) with `values`; False when it is not."""
     values.setdefault("finished_at", utcnow())
     values["lease_expires_at"] = None
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running", *conditions)
         .values(values)
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
@@ -378,12 +387,16 @@ def succeed_job(
     runner: dict[str, Any],
 ) -> bool:
     """Commit metrics and artifacts and mark the job succeeded, all in the caller's one transaction.
-    False (and nothing written) when the job is no longer ours, e.g. cancelled meanwhile."""
+
+    False, with no metrics or artifacts written, when the job is no longer ours, or when a cancel was requested
+    (cancel answered 202, so the cancel wins: the job ends cancelled, with its runner's protections); the caller
+    then deletes the stored artifacts."""
     finished: datetime = utcnow()
     if not _finish(
         session,
         job_id,
         worker_id,
+        Job.cancel_requested_at.is_(None),
         status="succeeded",
         backend_chosen=backend,
         stage="saving",
@@ -394,6 +407,15 @@ def succeed_job(
         runner=runner,
         finished_at=finished,
     ):
+        _finish(
+            session,
+            job_id,
+            worker_id,
+            Job.cancel_requested_at.is_not(None),
+            status="cancelled",
+            message="cancelled while its results were being saved: they were dropped",
+            runner=runner,
+        )
         return False
     for artifact in artifacts:
         session.add(

@@ -9,13 +9,17 @@ reapers running at once harmless:
 - a `queued` job (or an upload still `inspecting`) whose row has not moved for QAAS_REQUEUE_AFTER_S is enqueued
   again: a Redis restarted without persistence, the embedded SQLite transport (no visibility timeout) or an
   enqueue that failed after commit lose the message, never the row. A duplicate message is harmless: only a
-  conditional update claims a job.
+  conditional update claims a job;
+- a `*.part` file in DATA_DIR/tmp untouched for QAAS_STALE_TEMP_AFTER_S is deleted: an API killed mid-upload
+  leaves its temporary file there, and an upload in progress rewrites its own with every chunk.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -47,10 +51,19 @@ class Reaped:
     reenqueued: list[str] = field(default_factory=list)
     reinspected: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)  # retention: model, dataset and artifact ids
+    swept: list[str] = field(default_factory=list)  # names of stale temporary files deleted from DATA_DIR/tmp
 
     def __bool__(self) -> bool:
         return any(
-            (self.requeued, self.lost, self.cancelled, self.reenqueued, self.reinspected, self.expired)
+            (
+                self.requeued,
+                self.lost,
+                self.cancelled,
+                self.reenqueued,
+                self.reinspected,
+                self.expired,
+                self.swept,
+            )
         )
 
 
@@ -189,9 +202,52 @@ def _retention(session: Session, settings: Settings, now: datetime, reaped: Reap
         log.info("retention (%s days): deleted the files of %s", settings.retention_days, reaped.expired)
 
 
+def _stale_temp_files(settings: Settings, now: datetime, reaped: Reaped) -> None:
+    """Delete the `*.part` regular files of DATA_DIR/tmp last written before QAAS_STALE_TEMP_AFTER_S ago.
+
+    Links are never followed: neither the folder (opened with O_NOFOLLOW) nor its entries (lstat; unlink
+    removes a link itself). Names are resolved against the open folder, so that a folder swapped meanwhile
+    changes nothing. Several reapers at once are harmless: a file already gone is skipped."""
+    cutoff = now.timestamp() - settings.stale_temp_after_s
+    try:
+        folder = os.open(
+            settings.data_dir / "tmp", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        )
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # a link or not a folder: left to the operator
+        log.warning("stale temporary files not swept: %s", exc)
+        return
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.name.endswith(".part"):
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(info.st_mode) or info.st_mtime >= cutoff:
+                        continue
+                    os.unlink(entry.name, dir_fd=folder)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:  # one file the worker may not delete must not stop the reaper
+                    log.warning("stale temporary file %s not deleted: %s", entry.name, exc)
+                    continue
+                reaped.swept.append(entry.name)
+    except OSError as exc:
+        log.warning("stale temporary files not swept: %s", exc)
+    finally:
+        os.close(folder)
+    if reaped.swept:
+        log.info(
+            "deleted %s temporary files left by interrupted uploads: %s", len(reaped.swept), reaped.swept
+        )
+
+
 def reap(session: Session, settings: Settings, now: datetime | None = None) -> Reaped:
-    """One pass over lost jobs, stale queued jobs, stale inspections and, with QAAS_RETENTION_DAYS, old files;
-    enqueues and deletes files after the caller commits."""
+    """One pass over lost jobs, stale queued jobs, stale inspections, with QAAS_RETENTION_DAYS old files, and
+    stale temporary files; enqueues and deletes stored files after the caller commits (temporary files at once:
+    no row names them)."""
     now = now or utcnow()
     reaped = Reaped()
     _expired_leases(session, settings, now, reaped)
@@ -199,6 +255,7 @@ def reap(session: Session, settings: Settings, now: datetime | None = None) -> R
     _stale_inspections(session, settings, now, reaped)
     if settings.retention_days > 0:
         _retention(session, settings, now, reaped)
+    _stale_temp_files(settings, now, reaped)
     session.execute(
         delete(Worker).where(
             or_(

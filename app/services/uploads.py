@@ -2,7 +2,10 @@
 streaming, stopped at the byte limit with nothing left behind.
 
 Starlette's `UploadFile` reads the whole body before any dependency runs, so upload routes hand
-`request.stream()` to `receive_upload` instead.
+`request.stream()` to `receive_upload` instead. Form fields are kept in memory, so their number and size are
+bounded while streaming: one part per allowed name (a repeated field or a second file is refused), each field
+under MAX_FIELD_BYTES, and all part headers and field values together under MAX_FORM_BYTES (3,000 fields of
+60 kB once doubled the API's memory and were accepted).
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from app.core.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaTyp
 from app.core.storage import Storage
 
 MAX_FIELD_BYTES = 64 * 1024
-MULTIPART_OVERHEAD_BYTES = 64 * 1024 + 8 * MAX_FIELD_BYTES
+# Every part's headers and the form fields' values: the routes take two or three small fields beside the file.
+MAX_FORM_BYTES = 256 * 1024
+# What a valid body may hold beside the file's bytes: the form, plus boundaries and line breaks (a few hundred).
+MULTIPART_OVERHEAD_BYTES = MAX_FORM_BYTES + 64 * 1024
 
 
 @dataclass
@@ -78,29 +84,51 @@ async def receive_upload(
     header_field = bytearray()
     header_value = bytearray()
     errors: list[Exception] = []
+    max_parts = len(allowed_fields | {"file"})
+    form_bytes = 0
 
+    def count_form_bytes(size: int) -> bool:
+        """Add to the in-memory bytes; False (and the error recorded) once past MAX_FORM_BYTES."""
+        nonlocal form_bytes
+        form_bytes += size
+        if form_bytes > MAX_FORM_BYTES:
+            errors.append(_form_too_large(allowed_fields))
+            return False
+        return True
+
+    # After the first error the rest of the chunk at hand is parsed, but nothing more is kept.
     def on_part_begin() -> None:
+        if errors:
+            return
+        if len(parts) == max_parts:
+            errors.append(_too_many_parts(max_parts, allowed_fields))
+            return
         parts.append(_Part())
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
-        header_field.extend(data[start:end])
+        if not errors and count_form_bytes(end - start):
+            header_field.extend(data[start:end])
 
     def on_header_value(data: bytes, start: int, end: int) -> None:
-        header_value.extend(data[start:end])
+        if not errors and count_form_bytes(end - start):
+            header_value.extend(data[start:end])
 
     def on_header_end() -> None:
-        parts[-1].headers[bytes(header_field).lower()] = bytes(header_value)
+        if not errors:
+            parts[-1].headers[bytes(header_field).lower()] = bytes(header_value)
         header_field.clear()
         header_value.clear()
 
     def on_headers_finished() -> None:
+        if errors:
+            return
         part = parts[-1]
         _, options = parse_options_header(part.headers.get(b"content-disposition", b""))
         part.name = options.get(b"name", b"").decode("utf-8", "replace")
         if b"filename" in options:
             part.filename = options[b"filename"].decode("utf-8", "replace")
         if part.name == "file":
-            if any(earlier.tmp_path is not None for earlier in parts[:-1]):
+            if any(earlier.name == "file" for earlier in parts[:-1]):
                 errors.append(InvalidRequest("send exactly one part named 'file'", code="multiple_files"))
                 return
             part.tmp_path = storage.temp_path()
@@ -112,8 +140,17 @@ async def receive_upload(
                     f"unknown form field '{part.name}': allowed are {allowed}", code="unknown_field"
                 )
             )
+        elif any(earlier.name == part.name for earlier in parts[:-1]):
+            errors.append(
+                InvalidRequest(
+                    f"form field '{part.name}' is sent more than once: send each field at most once",
+                    code="duplicate_field",
+                )
+            )
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
+        if errors:
+            return
         part = parts[-1]
         chunk = data[start:end]
         if part.handle is not None:
@@ -123,16 +160,20 @@ async def receive_upload(
                 return
             part.digest.update(chunk)
             part.handle.write(chunk)
-        else:
-            part.value.extend(chunk)
-            if len(part.value) > MAX_FIELD_BYTES:
-                errors.append(
-                    InvalidRequest(
-                        f"form field '{part.name}' is over {MAX_FIELD_BYTES} bytes", code="field_too_large"
-                    )
+            return
+        if len(part.value) + len(chunk) > MAX_FIELD_BYTES:
+            errors.append(
+                InvalidRequest(
+                    f"form field '{part.name}' is over {MAX_FIELD_BYTES} bytes", code="field_too_large"
                 )
+            )
+            return
+        if count_form_bytes(len(chunk)):
+            part.value.extend(chunk)
 
     def on_part_end() -> None:
+        if errors:
+            return
         part = parts[-1]
         if part.handle is not None:
             part.handle.close()
@@ -190,6 +231,27 @@ async def receive_upload(
         cleanup()
         raise InvalidRequest("the uploaded file is empty", code="empty_file")
     return result
+
+
+def _form_fields(allowed_fields: set[str]) -> str:
+    return ", ".join(sorted(allowed_fields)) or "none"
+
+
+def _too_many_parts(max_parts: int, allowed_fields: set[str]) -> InvalidRequest:
+    return InvalidRequest(
+        f"the upload has more than {max_parts} parts: send one part named 'file' and at most one "
+        f"of each form field ({_form_fields(allowed_fields)})",
+        code="too_many_parts",
+    )
+
+
+def _form_too_large(allowed_fields: set[str]) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"the upload's part headers and form fields are over {MAX_FORM_BYTES} bytes together: send the file "
+        f"with short headers and at most one of each form field ({_form_fields(allowed_fields)}), each under "
+        f"{MAX_FIELD_BYTES} bytes",
+        code="form_too_large",
+    )
 
 
 def _too_large(max_bytes: int) -> PayloadTooLarge:

@@ -4,9 +4,11 @@ import base64
 import hashlib
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from app.core.db import session_scope
+from app.core.errors import NotFound
 from app.core.storage import get_storage
 from app.services import jobs as job_service
 from tests.api.conftest import MLP_INSPECTION, make_ready_dataset, make_ready_model, upload
@@ -213,3 +215,77 @@ def test_claim_is_exclusive_and_finish_publishes_artifacts(client: TestClient, s
     assert beyond.headers["content-range"] == f"bytes */{len(content)}"
     missing = client.get(f"/v1/jobs/{job_id}/artifacts/nope.bin")
     assert missing.status_code == 404 and "model.int8.ts" in missing.json()["detail"]
+
+
+def _stored_artifact(job_id: str, data_dir: Path) -> job_service.StoredArtifact:
+    source = data_dir / f"{job_id}.bin"
+    source.write_bytes(b"int8 model" * 100)
+    key = f"artifacts/{job_id}/attempt-1/model.int8.ts"
+    size, sha = get_storage().store_file(source, key)
+    return job_service.StoredArtifact("model.int8.ts", "torchscript", size, sha, key)
+
+
+def _succeed(job_id: str, data_dir: Path) -> bool:
+    with session_scope() as session:
+        return job_service.succeed_job(
+            session,
+            job_id,
+            "w1",
+            backend="fbgemm",
+            metrics={"size": {"fp32_bytes": 4000, "int8_bytes": 1000, "ratio": 4.0}},
+            artifacts=[_stored_artifact(job_id, data_dir)],
+            load_snippet="x",
+            manifest={},
+            runner={"sandbox": ["rlimits"]},
+        )
+
+
+def test_a_cancel_answered_202_wins_over_a_late_success(client: TestClient, service_env: Path) -> None:
+    """Cancel in the job's last seconds: the runner's success arrives after the 202 and is dropped."""
+    from sqlalchemy import func, select
+
+    from app.models import Artifact, JobMetrics
+
+    job_id = submit(client, model_id=make_ready_model(client)).json()["id"]
+    with session_scope() as session:
+        assert job_service.claim_job(session, job_id, "w1", 30) is not None
+    cancel = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert cancel.status_code == 202 and cancel.json()["status"] == "running"
+    assert _succeed(job_id, service_env) is False
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and job["finished_at"] is not None
+    assert job["runner"] == {"sandbox": ["rlimits"]}
+    assert job["artifacts"] == [] and job["metrics"] is None and job["report_url"] is None
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(Artifact)) == 0
+        assert session.scalar(select(func.count()).select_from(JobMetrics)) == 0
+    again = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert again.status_code == 409 and again.json()["error"] == "job_finished"
+
+    # The other order: a success committed first; the cancel that comes after it is refused, not answered 202.
+    done_id = submit(client, model_id=make_ready_model(client)).json()["id"]
+    with session_scope() as session:
+        assert job_service.claim_job(session, done_id, "w1", 30) is not None
+    assert _succeed(done_id, service_env) is True
+    late = client.post(f"/v1/jobs/{done_id}/cancel")
+    assert late.status_code == 409 and late.json()["error"] == "job_finished"
+    assert "succeeded" in late.json()["detail"]
+    job = client.get(f"/v1/jobs/{done_id}").json()
+    assert job["status"] == "succeeded" and job["cancel_requested_at"] is None
+    assert [a["name"] for a in job["artifacts"]] == ["model.int8.ts"]
+
+
+def test_cancel_is_scoped_and_keeps_the_first_request_time(client: TestClient) -> None:
+    job_id = submit(client, model_id=make_ready_model(client)).json()["id"]
+    with session_scope() as session:
+        assert job_service.claim_job(session, job_id, "w1", 30) is not None
+    first = client.post(f"/v1/jobs/{job_id}/cancel").json()
+    second = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert second.status_code == 202
+    assert second.json()["cancel_requested_at"] == first["cancel_requested_at"]
+    assert second.json()["progress"]["message"] == "cancelling"
+    with session_scope() as session, pytest.raises(NotFound) as other_tenant:
+        job_service.cancel_job(session, job_id, tenant_id="ten_other")
+    assert other_tenant.value.code == "job_not_found"
+    missing = client.post("/v1/jobs/job_missing/cancel")
+    assert missing.status_code == 404 and missing.json()["error"] == "job_not_found"

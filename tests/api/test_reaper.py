@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -290,3 +291,52 @@ def test_retention_marks_rows_then_deletes_their_files(
     with session_scope() as session:
         job_service.cancel_job(session, busy, tenant_id="ten_default")
     assert reap().expired == [busy_model]
+
+
+def test_stale_part_files_are_swept_and_links_never_followed(client: TestClient, service_env: Path) -> None:
+    """An API killed mid-upload leaves DATA_DIR/tmp/*.part behind: the reaper deletes those untouched for
+    QAAS_STALE_TEMP_AFTER_S, and nothing else."""
+    import os
+
+    tmp = service_env / "tmp"
+    tmp.mkdir(exist_ok=True)
+    outside = service_env.parent / "outside"
+    outside.mkdir()
+    (outside / "keep.part").write_bytes(b"not ours")
+    long_ago = time.time() - get_settings().stale_temp_after_s - 60
+
+    def old(path: Path) -> Path:
+        os.utime(path, (long_ago, long_ago), follow_symlinks=False)
+        return path
+
+    stale = tmp / "0123abcd.part"
+    stale.write_bytes(b"half an upload")
+    old(stale)
+    fresh = tmp / "4567ef01.part"
+    fresh.write_bytes(b"an upload in progress")
+    other = tmp / "notes.txt"
+    other.write_bytes(b"not a temporary upload")
+    old(other)
+    link = tmp / "link.part"
+    link.symlink_to(outside / "keep.part")
+    old(outside / "keep.part")
+    old(link)
+    folder = tmp / "folder.part"
+    folder.mkdir()
+    old(folder)
+
+    assert reap().swept == ["0123abcd.part"]
+    assert not stale.exists()
+    assert fresh.exists() and other.exists() and folder.is_dir()
+    assert link.is_symlink() and (outside / "keep.part").read_bytes() == b"not ours"
+    assert not reap()  # nothing left to sweep
+
+    # DATA_DIR/tmp itself a link: not followed either.
+    link.unlink()
+    for path in (fresh, other):
+        path.unlink()
+    folder.rmdir()
+    tmp.rmdir()
+    tmp.symlink_to(outside)
+    assert reap().swept == []
+    assert (outside / "keep.part").exists()

@@ -76,9 +76,11 @@ def stored_out(row: Model | Dataset, out: type[OutT]) -> OutT:
 
 
 def _check_room(settings: Settings, caller: Caller, declared: int) -> None:
-    """Before a byte is read: the broker is up and the tenant has room for what the request says it sends."""
+    """Before a byte is read: the broker is up and the tenant has room for what the request says it sends, and
+    for one more upload to inspect. (No lock here: `_record` checks again, locked, before it commits.)"""
     require_broker(settings)
     with get_sessionmaker()() as session:
+        quotas.check_inspecting(session, settings, caller.tenant_id)
         quotas.check_storage(session, settings, caller.tenant_id, max(0, declared - MULTIPART_OVERHEAD_BYTES))
 
 
@@ -105,11 +107,15 @@ def _record(
     with get_sessionmaker()() as session:
         quotas.check_storage(session, settings, caller.tenant_id, upload.file.size_bytes)
         row = create(session, storage, upload, caller.tenant_id)
-        response = stored_out(row, out)
+        key = row.storage_key
         try:
+            # Parallel uploads all passed the checks above: the locked one decides, counting this row.
+            quotas.check_new_upload(session, settings, caller.tenant_id, upload.file.size_bytes)
+            response = stored_out(row, out)
             session.commit()
         except Exception:
-            storage.delete(row.storage_key)
+            session.rollback()
+            storage.delete(key)
             raise
         metrics.count_upload("model" if isinstance(row, Model) else "dataset", upload.file.size_bytes)
         return response
