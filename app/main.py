@@ -15,6 +15,7 @@ from starlette.routing import Match
 
 from app.api.guard import GuardMiddleware
 from app.api.routes import datasets, health, jobs, metrics, models, reports
+from app.api.timeouts import ReadTimeoutMiddleware
 from app.core import errors
 
 log = logging.getLogger("qaas.api")
@@ -124,4 +125,6 @@ def create_app() -> FastAPI:
     app.include_router(metrics.router)  # GET /metrics: no key, not in the schema
     # Outermost: nothing under /v1 runs, and no body is read, before the caller is known.
     app.add_middleware(GuardMiddleware)
+    # Outside the guard: a body that stalls gets 408 whoever reads it (QAAS_READ_TIMEOUT_S).
+    app.add_middleware(ReadTimeoutMiddleware)
     return app

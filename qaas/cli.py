@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
@@ -83,24 +84,45 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def _run_uvicorn(host: str, port: int) -> None:
+    """Serve until SIGINT or SIGTERM, then return (the caller stops what it started): exits 3 if it never
+    started (uvicorn's STARTUP_FAILURE: the port is taken, the app failed)."""
     import uvicorn
 
+    from app.api.timeouts import TimedH11Protocol
     from app.core import logs
 
     # Keep idle connections longer than clients do (httpx and most keep 5 s): a server that closes first races
     # a client reusing the connection, which then sees a reset instead of an answer.
-    uvicorn.run(
+    config = uvicorn.Config(
         "app.main:create_app",
         factory=True,
         host=host,
         port=port,
         log_level="info",
         timeout_keep_alive=30,
+        http=TimedH11Protocol,  # h11, plus a bound on a request line and headers (QAAS_READ_TIMEOUT_S)
         log_config=logs.uvicorn_log_config(),  # JSON logs: uvicorn's lines go through the root handler
     )
+    server = uvicorn.Server(config)
+
+    def stop(_signum: int, _frame: object) -> None:
+        server.should_exit = True
+
+    # uvicorn handles SIGTERM while it serves, then puts back the handler it found and raises the signal again.
+    # The default handler would end this process right there, before `qaas serve` stops its worker (which was
+    # left running); this one only asks uvicorn to stop (at once when it comes before uvicorn serves).
+    signal.signal(signal.SIGTERM, stop)
+    with contextlib.suppress(KeyboardInterrupt):  # SIGINT, raised again the same way
+        server.run()
+    if not server.started:
+        sys.exit(3)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    if args.parent_pid is not None:
+        from workers.upkeep import die_with_parent
+
+        die_with_parent(args.parent_pid)  # first: until it is armed, a killed `qaas serve` leaves this behind
     _apply_data_dir(args.data_dir)
     from app.core.config import get_settings
     from app.core.queue import QUEUE
@@ -132,12 +154,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 class _WorkerChild:
-    """The embedded worker: a child process, restarted if it dies, stopped with the server."""
+    """The embedded worker: a child process, restarted if it dies, stopped with the server.
+
+    It dies with the server too, even one killed with SIGKILL: `--parent-pid` makes it arm PR_SET_PDEATHSIG
+    (workers.upkeep.die_with_parent). The kernel sends that signal when the *thread* that forked the child
+    exits, so the worker is started from the main thread or from the watching thread, which lives until the
+    worker it started is gone."""
+
+    STOP_TIMEOUT_S = 30.0  # after SIGTERM; the worker's own grace (QAAS_SHUTDOWN_GRACE_S) is 5 s under serve
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
+        self.lock = threading.Lock()  # no restart after stop() has looked at the process
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
     def start(self) -> None:
@@ -147,33 +177,41 @@ class _WorkerChild:
     def _spawn(self) -> None:
         # One machine, one person at the terminal: Ctrl-C hands a running job back after 5 s, not a minute.
         env = {"QAAS_SHUTDOWN_GRACE_S": "5", **os.environ, "QAAS_DATA_DIR": str(self.data_dir)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qaas", "worker", "--loglevel", "warning"], env=env
-        )
+        command = [sys.executable, "-m", "qaas", "worker", "--loglevel", "warning"]
+        self.proc = subprocess.Popen([*command, "--parent-pid", str(os.getpid())], env=env)
 
     def _watch(self) -> None:
         delay = 1.0
-        while not self.stopping.is_set():
+        while True:
             assert self.proc is not None
             code = self.proc.poll()
-            if code is not None and not self.stopping.is_set():
+            if code is not None:
+                if self.stopping.is_set():
+                    return  # only now: the worker this thread started is gone
                 log.error("the worker exited with status %s; restarting it in %.0f s", code, delay)
-                time.sleep(delay)
+                self.stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
-                if not self.stopping.is_set():
-                    self._spawn()
+                with self.lock:
+                    if not self.stopping.is_set():
+                        self._spawn()
             time.sleep(0.5)
 
-    def stop(self) -> None:
-        self.stopping.set()
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
+    def stop(self) -> bool:
+        """SIGTERM (the worker's graceful shutdown) and wait; SIGKILL after STOP_TIMEOUT_S. False if killed."""
+        with self.lock:
+            self.stopping.set()
+            proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return True
+        proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=30)
+            proc.wait(timeout=self.STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            log.error("the worker did not stop %.0f s after SIGTERM; killing it", self.STOP_TIMEOUT_S)
+            proc.kill()
+            proc.wait()
+            return False
+        return True
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -192,10 +230,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     try:
-        _run_uvicorn(args.host, args.port)
+        _run_uvicorn(args.host, args.port)  # returns on SIGINT and SIGTERM
     finally:
-        worker.stop()
-    return 0
+        stopped = worker.stop()
+    return 0 if stopped else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--loglevel", default="info")
     worker.add_argument("--data-dir", default=None)
+    # `qaas serve` passes its pid: the worker then dies with it (workers.upkeep.die_with_parent).
+    worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
 
     migrate = sub.add_parser("migrate", help="apply database migrations")

@@ -8,13 +8,17 @@ database that is down only skips a beat.
 On SIGTERM Celery stops taking messages and waits for running jobs; `shutdown_requested` starts the grace
 period (QAAS_SHUTDOWN_GRACE_S). A job still running when it ends is stopped and handed back to the queue for
 another worker (`handing_back`), so that a deploy never waits for an hour-long job nor loses it.
+
+The worker `qaas serve` starts also gets that SIGTERM when `serve` dies, however it dies (`die_with_parent`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -23,7 +27,7 @@ from app.core import queue
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.services import reaper
-from workers.sandbox import RunnerLimits, sandbox_gaps, sandbox_report
+from workers.sandbox import PR_SET_PDEATHSIG, RunnerLimits, _prctl, sandbox_gaps, sandbox_report
 
 log = logging.getLogger("qaas.worker")
 
@@ -35,6 +39,21 @@ _shutdown_lock = threading.Lock()
 def worker_name() -> str:
     """hostname:pid: the heartbeat's id, and the prefix of the ids this worker claims jobs with."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel send SIGTERM to this process when `parent_pid` (qaas serve) dies, even by SIGKILL; exit
+    now if it is already gone.
+
+    SIGTERM rather than SIGKILL: it is the graceful shutdown above, so a running job is handed back to the
+    queue after the grace period (5 s under serve) and the worker signs off /readyz, where SIGKILL would leave
+    the job claimed until its lease ran out. The runners die either way (their own PR_SET_PDEATHSIG is SIGKILL).
+    """
+    if sys.platform.startswith("linux"):
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    # Checked after arming: a parent that died before has already re-parented this process, with no signal.
+    if os.getppid() != parent_pid:
+        sys.exit(f"qaas worker: the process that started it (pid {parent_pid}) is gone; exiting")
 
 
 def shutdown_requested(grace_s: float) -> None:

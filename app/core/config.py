@@ -45,6 +45,14 @@ class Settings(BaseSettings):
         description="Requests per second per API key (429 above; 0: no limit). Redis-backed when "
         "Redis is the broker, so it holds across API processes; in-process otherwise.",
     )
+    auth_failures_per_minute: int = Field(
+        20,
+        ge=0,
+        description="Wrong API keys one client address may send per minute; after that many, its requests "
+        "with a key get 429 too_many_failed_attempts until the minute ends (0: no limit). Counted like "
+        "RATE_LIMIT_RPS; the address is the TCP peer's (behind a proxy, the proxy's unless uvicorn's "
+        "FORWARDED_ALLOW_IPS names the proxy).",
+    )
     quota_active_jobs: int = Field(
         20, ge=0, description="Queued + running jobs per tenant (429 job_quota_exceeded above; 0: no limit)."
     )
@@ -52,6 +60,12 @@ class Settings(BaseSettings):
         100 * 1024**3,
         ge=0,
         description="Uploads + artifacts stored per tenant (429 storage_quota_exceeded above; 0: no limit).",
+    )
+    quota_inspecting: int = Field(
+        8,
+        ge=0,
+        description="Uploads per tenant waiting for or in inspection (429 inspection_quota_exceeded above; "
+        "0: no limit).",
     )
     retention_days: float = Field(
         0, ge=0, description="Delete uploads and artifacts older than this many days (0: keep them)."
@@ -85,10 +99,23 @@ class Settings(BaseSettings):
         gt=0,
         description="A job queued (or an upload inspecting) this long gets its message sent again.",
     )
+    stale_temp_after_s: float = Field(
+        3600.0,
+        ge=600,
+        description="The reaper deletes *.part files in DATA_DIR/tmp untouched this long (an API killed "
+        "mid-upload leaves them; an upload in progress rewrites its own continuously).",
+    )
     shutdown_grace_s: float = Field(
         60.0, ge=0, le=3600, description="On SIGTERM a worker lets its job run this long, then hands it back."
     )
     readiness_timeout_s: float = Field(2.0, gt=0, le=30)
+    read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="How long the API waits for a client: for a request's line and headers (the connection is "
+        "closed), and for each chunk of a body being read (408 request_timeout).",
+    )
 
     # The runner: the sandboxed child process that loads an uploaded model (0 switches a limit off).
     runner_memory_mb: int = Field(8192, ge=0, description="Address space; import torch alone needs ~640 MB.")
@@ -101,6 +128,10 @@ class Settings(BaseSettings):
     runner_network: bool = Field(False, description="Let the runner reach the network (off: new namespace).")
     runner_landlock: bool = Field(True, description="Confine the runner's writes (and reads) with Landlock.")
     runner_confine_reads: bool = Field(True, description="Landlock also limits what the runner may read.")
+    runner_pid_namespace: bool = Field(
+        True,
+        description="Each runner in a PID namespace of its own, with its own /proc: all of it dies with it.",
+    )
 
     @field_validator("runner_memory_mb")
     @classmethod

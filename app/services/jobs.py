@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Select, case, func, literal, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer, selectinload
 
 from app.core import queue
 from app.core.config import Settings
@@ -199,7 +199,19 @@ def list_jobs(
     status: str | None,
     model_id: str | None,
 ) -> tuple[list[Job], str | None]:
-    query = select(Job).where(Job.tenant_id == tenant_id)
+    """Jobs as a list shows them: the large JSON columns (request, manifest, runner, the metrics document) are
+    not loaded, so a page costs the database and the API what its summaries weigh."""
+    query = (
+        select(Job)
+        .where(Job.tenant_id == tenant_id)
+        .options(
+            defer(Job.config),
+            defer(Job.manifest),
+            defer(Job.runner),
+            defer(Job.load_snippet),
+            selectinload(Job.metrics).defer(JobMetrics.data),
+        )
+    )
     if status:
         query = query.where(Job.status == status)
     if model_id:

@@ -215,9 +215,9 @@ async def receive_upload(
         parser.finalize()
         if errors:
             raise errors[0]
-    except Exception as exc:
-        cleanup()
-        if isinstance(exc, (InvalidRequest, PayloadTooLarge)):
+    except BaseException as exc:
+        cleanup()  # a cancelled request (client gone, server stopping) leaves no temporary file either
+        if isinstance(exc, (InvalidRequest, PayloadTooLarge)) or not isinstance(exc, Exception):
             raise
         raise InvalidRequest(
             f"the multipart body could not be parsed: {exc}", code="malformed_multipart"
