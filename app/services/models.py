@@ -31,7 +31,9 @@ def parse_input_shapes(raw: str | None) -> dict[str, list[int | None]] | None:
             f"input_shapes is not valid JSON ({exc.msg}): {hint}", code="invalid_input_shapes"
         ) from None
     except RecursionError:  # nested deeper than the parser's stack: no real value is
-        raise InvalidRequest(f"input_shapes is nested too deeply: {hint}", code="invalid_input_shapes") from None
+        raise InvalidRequest(
+            f"input_shapes is nested too deeply: {hint}", code="invalid_input_shapes"
+        ) from None
     if not isinstance(value, dict) or not value:
         raise InvalidRequest(
             f"input_shapes must be a non-empty JSON object: {hint}", code="invalid_input_shapes"
