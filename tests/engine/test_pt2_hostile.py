@@ -21,10 +21,11 @@ import pytest
 import torch
 from torch import nn
 
-from workers.engine.archive import check_pt2_payloads, detect_model_format
+from workers.engine.archive import detect_model_format
 from workers.engine.data import inspect_dataset
 from workers.engine.errors import EngineError
 from workers.engine.io import load_model
+from workers.engine.pt2_checks import check_pt2_payloads
 from workers.supervise import run_runner
 
 DEEP = 100_000
@@ -200,6 +201,29 @@ def module_import_in_a_pytree_spec(a: Archive, canary: Path) -> None:
     a.set_json(PROGRAM, program)
 
 
+def code_in_a_guard(a: Archive, canary: Path) -> None:
+    # torch pastes guards_code into a function it compiles with exec and runs on every call of the module.
+    program = a.json(PROGRAM)
+    program["guards_code"] = [f"open({str(canary)!r}, 'w').close() is None"]
+    a.set_json(PROGRAM, program)
+
+
+def code_as_a_graph_node_target(a: Archive, canary: Path) -> None:
+    # torch looks a node's target up by attribute path under torch, operator or math and calls it.
+    program = a.json(PROGRAM)
+    program["verifiers"] = []  # the verifier is torch's own, and the file says which to run
+    node = program["graph_module"]["graph"]["nodes"][-1]
+    node["target"] = "torch.os.system"
+    node["inputs"] = [{"name": "command", "arg": {"as_string": f"touch {canary}"}, "kind": 1}]
+    a.set_json(PROGRAM, program)
+
+
+def an_operator_namespace_that_is_not_one(a: Archive, canary: Path) -> None:
+    program = a.json(PROGRAM)
+    program["graph_module"]["graph"]["nodes"][-1]["target"] = "torch.ops.load_library.default"
+    a.set_json(PROGRAM, program)
+
+
 def deeply_nested_weights_config(a: Archive, canary: Path) -> None:
     a.entries[WEIGHTS] = b"[" * DEEP + b"]" * DEEP
 
@@ -225,6 +249,9 @@ HOSTILE: dict[Callable[[Archive, Path], None], str] = {
     module_import_in_a_pytree_spec: "unsupported_format",
     deeply_nested_weights_config: "not_a_model",
     weights_config_not_a_mapping: "not_a_model",
+    code_in_a_guard: "not_a_model",
+    code_as_a_graph_node_target: "unsupported_format",
+    an_operator_namespace_that_is_not_one: "unsupported_format",
 }
 
 
@@ -380,3 +407,34 @@ def test_a_deeply_nested_safetensors_header_is_not_a_dataset(tmp_path: Path) -> 
     with pytest.raises(EngineError) as info:
         inspect_dataset(path)
     assert info.value.code == "unsupported_format"
+
+
+def test_guards_and_targets_that_export_writes_pass() -> None:
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+    from workers.engine.pt2_checks import GUARD_NAMES, _safe_guard, _safe_target
+
+    names = GUARD_NAMES | frozenset(SYMPY_INTERP)
+    for guard in ("L['y'].size()[0] <= L['x'].size()[0]", "L['x'].stride()[1] == 1", "math.isnan(L['f'])"):
+        assert _safe_guard(guard, names), guard
+    for guard in ("__import__('os')", "L['x'].__class__", "(lambda: 0)()", "L['x'].size(dim=0) == 2"):
+        assert not _safe_guard(guard, names), guard
+    for target in ("torch.ops.aten.linear.default", "torch.ops.higher_order.cond", "_operator.getitem"):
+        assert _safe_target(target), target
+    for target in ("torch.os.system", "torch.ops.aten.__call__", "builtins.eval", "#custom", "torch.load"):
+        assert not _safe_target(target), target
+
+
+def test_guards_in_a_program_with_dynamic_shapes_pass(tmp_path: Path) -> None:
+    """A program whose export wrote guards (two dynamic dimensions related by a slice) still passes."""
+
+    class Sliced(torch.nn.Module):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return x[: y.shape[0]] * 2
+
+    dims = {"x": {0: torch.export.Dim("b", min=2, max=64)}, "y": {0: torch.export.Dim("c", max=8)}}
+    program = torch.export.export(Sliced(), (torch.randn(8, 4), torch.randn(3, 4)), dynamic_shapes=dims)
+    assert program._guards_code  # what this test is about
+    path = tmp_path / "guarded.pt2"
+    torch.export.save(program, path)
+    check_pt2_payloads(path)

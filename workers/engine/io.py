@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from workers.engine.archive import check_pt2_payloads, detect_model_format
+from workers.engine.archive import detect_model_format
 from workers.engine.errors import EngineError
+from workers.engine.pt2_checks import check_pt2_payloads
 
 __all__ = ["InputSpec", "LoadedModel", "ModelInfo", "detect_model_format", "inspect_model", "load_model"]
 
