@@ -93,6 +93,7 @@ PROTECTIONS = (
     "no_core_dumps",
     "new_session",
     "pdeathsig",
+    "runner_reaped",
     "own_pid_namespace",
     "proc_hidden",
     "no_network",
@@ -211,6 +212,7 @@ class SandboxPlan:
     parent_pid: int
     rlimits: dict[str, list[int]] = field(default_factory=dict)
     netns: bool = False
+    reap: bool = False
     pidns: bool = False
     seccomp: bool = False
     uid: int | None = None
@@ -230,6 +232,7 @@ class SandboxPlan:
 
 PR_SET_PDEATHSIG, PR_GET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 2, 4, 24, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+PR_SET_CHILD_SUBREAPER = 36
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 1 << 14, 1 << 18
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
@@ -401,16 +404,41 @@ def _mount_own_proc() -> None:
     _check(libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mount(/proc)")
 
 
-def _mirror_exit(pid: int) -> None:
-    """The trampoline outside the namespace: wait for the runner (the namespace's init) and end the same way,
-    so the worker sees the runner's exit status or signal. When the init is gone, the kernel has already
-    killed and reaped every other process of the namespace."""
+def _children() -> list[int]:
+    """The PIDs whose parent is this process (read from /proc, which lists them whatever they did)."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if len(fields) > 1 and int(fields[1]) == me:
+                found.append(int(entry))
+    return found
+
+
+def _reap_and_mirror(pid: int) -> None:
+    """The trampoline, outside: wait for the runner, kill and reap whatever it left behind (this process is
+    their subreaper: orphans of a double fork or `setsid` come back to it), then end the way the runner did,
+    so the worker sees its exit status or signal. Never returns."""
     while True:
         try:
             _, status = os.waitpid(pid, 0)
             break
         except ChildProcessError:
             os._exit(1)
+        except InterruptedError:
+            continue
+    while True:  # a process killed here cannot fork again; what it forked before comes back here
+        for child in _children():
+            with contextlib.suppress(OSError):
+                os.kill(child, signal.SIGKILL)
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
         except InterruptedError:
             continue
     if os.WIFSIGNALED(status):
@@ -422,24 +450,32 @@ def _mirror_exit(pid: int) -> None:
     os._exit(os.waitstatus_to_exitcode(status))
 
 
-def _enter_pid_namespace() -> tuple[int, Callable[[], bool]]:
-    """Put what follows in a PID namespace (and a mount namespace) of its own: the trampoline forks; the child
-    becomes the namespace's init (PID 1) and goes on to execute the runner, while this process stays outside,
-    waits and mirrors its exit (it never returns). When the init dies, the kernel kills whatever the runner
-    started: a double fork, setsid or a new process group escapes nothing.
+def _fork_runner(pidns: bool) -> tuple[int, Callable[[], bool], str | None]:
+    """Fork the runner off the trampoline, which stays behind as its subreaper (_reap_and_mirror) and never
+    returns; with `pidns`, in a PID namespace (and a mount namespace) of its own, whose init the runner
+    becomes: when the init dies, the kernel kills everything in the namespace.
 
-    Returns, in the child: its PID as seen from outside (the worker watches it until the namespace is gone) and
-    a check that the trampoline is still alive (the child's getppid() is 0: its parent is outside)."""
-    _unshare_as_caller(CLONE_NEWPID | CLONE_NEWNS)
+    Returns, in the child: its PID as the worker sees it (the worker watches it until it is gone), a check
+    that the trampoline is still alive (in a namespace, getppid() is 0: the parent is outside), and why there
+    is no PID namespace when one was asked for and refused (None otherwise)."""
+    refused = None
+    if pidns:
+        try:
+            _unshare_as_caller(CLONE_NEWPID | CLONE_NEWNS)
+        except OSError as exc:
+            refused = f"a new PID namespace was refused ({exc.strerror})"
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid:
+        # Outside the runner's Landlock domain and seccomp filter: a same-uid runner must not be able to read
+        # or write this process's memory through /proc/<pid>/mem.
+        _prctl(PR_SET_DUMPABLE, 0)
         os.close(ready_r)
         os.write(ready_w, f"{pid}\n".encode())
         # ready_w stays open until this process exits: its EOF tells the child that the trampoline is gone.
-        _mirror_exit(pid)
+        _reap_and_mirror(pid)
     os.close(ready_w)
-    os.set_inheritable(ready_r, False)
     alive = _pipe_open(ready_r)
     _arm_parent_death_signal(lambda: True)  # checked below, once the PID has arrived
     line = b""
@@ -448,7 +484,7 @@ def _enter_pid_namespace() -> tuple[int, Callable[[], bool]]:
         if not chunk:
             os._exit(125)  # the trampoline died before the signal was armed
         line += chunk
-    return int(line), alive
+    return int(line), alive, refused
 
 
 _RLIMITS = {
@@ -510,8 +546,8 @@ def _pipe_open(fd: int) -> Callable[[], bool]:
 def apply_plan(plan: SandboxPlan) -> tuple[list[str], dict[str, str]]:
     """Apply the plan to this process (the trampoline, before exec). Returns (in force, gaps).
 
-    With `plan.pidns` the trampoline forks into a new PID namespace: this function then returns in the child,
-    the namespace's init, and the parent stays outside waiting for it (_enter_pid_namespace)."""
+    With `plan.reap` the trampoline forks: this function then returns in the child, the runner (the init of a
+    new PID namespace with `plan.pidns`), and the parent stays behind to reap it (_fork_runner)."""
     in_force = ["clean_env", "new_session"]
     gaps = dict(plan.gaps)
     # The worker's thread dies: so does the trampoline, and (below) everything it started.
@@ -524,19 +560,20 @@ def apply_plan(plan: SandboxPlan) -> tuple[list[str], dict[str, str]]:
             gaps["no_network"] = f"a new network namespace was refused ({exc.strerror})"
     parent_alive: Callable[[], bool] = lambda: os.getppid() == plan.parent_pid  # noqa: E731
     outside_pid = os.getpid()
-    if plan.pidns:
+    if plan.reap:
         # A user namespace change may clear the signal: arm it again before the fork.
         _arm_parent_death_signal(parent_alive)
-        try:
-            outside_pid, parent_alive = _enter_pid_namespace()
+        outside_pid, parent_alive, refused = _fork_runner(plan.pidns)
+        in_force.append("runner_reaped")
+        if plan.pidns and refused is None:
             in_force.append("own_pid_namespace")
             try:
                 _mount_own_proc()
                 in_force.append("proc_hidden")
             except OSError as exc:
                 gaps["proc_hidden"] = f"a /proc of the runner's own could not be mounted ({exc.strerror})"
-        except OSError as exc:
-            gaps["own_pid_namespace"] = f"a new PID namespace was refused ({exc.strerror})"
+        elif plan.pidns:
+            gaps["own_pid_namespace"] = refused or ""
             gaps["proc_hidden"] = "needs the runner's own PID namespace"
     for name, (soft, hard) in plan.rlimits.items():
         try:
@@ -745,6 +782,7 @@ def _plan_sandbox(
     for name in ("own_pid_namespace", "seccomp"):
         if name in _disabled:
             plan.gaps[name] = _disabled[name]
+    plan.reap = True
     plan.pidns = limits.pid_namespace and "own_pid_namespace" not in _disabled
     if not limits.pid_namespace:
         plan.gaps["own_pid_namespace"] = "switched off in the runner's limits"
@@ -989,6 +1027,8 @@ except OSError:
     found.append("parent_unreadable")
 if os.getpid() == 1:
     found.append("own_pid_namespace")
+if os.getppid() != worker:
+    found.append("runner_reaped")
 if not os.path.exists(f"/proc/{worker}") and sorted(int(p) for p in os.listdir("/proc") if p.isdigit())[:1] == [1]:
     found.append("proc_hidden")
 else:

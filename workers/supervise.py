@@ -44,6 +44,7 @@ BENCH_LOCK_HOLD_S = 900.0
 # After the runner's trampoline is gone: how long the worker waits for the rest of its PID namespace.
 NAMESPACE_GONE_S = 10.0
 LOCK_POLL_S = 0.1
+TRAMPOLINE_EXIT_S = 10.0
 # What a user can do about a wall-clock limit: a job's own, or an upload's inspection (the deployment's).
 JOB_TIME_LIMIT_ADVICE = "raise timeout_s in the job request or use a smaller model or dataset"
 INSPECTION_TIME_LIMIT_ADVICE = (
@@ -272,8 +273,9 @@ def supervise(
 
 
 class _Runner:
-    """What the worker watches besides the trampoline: the runner's PID namespace (through a pidfd on its init,
-    taken from the trampoline's announcement) and the benchmark lock it holds for the runner."""
+    """What the worker watches besides the trampoline: the runner itself (through a pidfd on the PID the
+    trampoline announced: the init of its PID namespace, where it has one) and the benchmark lock it holds
+    for the runner."""
 
     def __init__(self, broker: LockBroker | None) -> None:
         self.broker = broker
@@ -284,12 +286,19 @@ class _Runner:
             with contextlib.suppress(OSError):  # already gone: nothing to watch
                 self.pidfd = os.pidfd_open(pid)
 
+    def kill(self) -> bool:
+        """SIGKILL the runner through its pidfd; False when there is none to use."""
+        if self.pidfd is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        return True
+
     def finish(self) -> None:
         """Kill whatever is left of the runner's namespace and wait until it is gone, then release the lock."""
         try:
-            if self.pidfd is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            if self.kill():
+                assert self.pidfd is not None
                 poller = select.poll()
                 poller.register(self.pidfd, select.POLLIN)
                 # The init's exit completes once the kernel has killed and reaped every process of its namespace.
@@ -345,7 +354,7 @@ def _follow(
             if line is None:
                 break
             if time.monotonic() >= deadline:
-                _kill(proc)
+                _kill(proc, runner)
                 return ended(error_code="time_limit", error_message=_wall_clock_message(timeout_s, advice))
             event = _parse(line) if line else None
             stop = False
@@ -369,15 +378,15 @@ def _follow(
                 stop = relay(None, None, None)
                 last_beat = time.monotonic()
             if stop:
-                _kill(proc)
+                _kill(proc, runner)
                 return ended(stopped=True)
         cpu_s = _wait(proc, deadline)
         if proc.returncode is None:
-            _kill(proc)
+            _kill(proc, runner)
             return ended(error_code="time_limit", error_message=_wall_clock_message(timeout_s, advice))
     finally:
         if proc.poll() is None:
-            _kill(proc)
+            _kill(proc, runner)
         reader.join(timeout=5)
     if outcome.result is not None and proc.returncode == 0:
         return outcome
@@ -466,8 +475,18 @@ def _parse(line: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _kill(proc: subprocess.Popen[str]) -> None:
-    """The runner leads its own process group: take its children down with it."""
+def _kill(proc: subprocess.Popen[str], runner: _Runner) -> None:
+    """Kill the runner itself first: its trampoline then kills and reaps whatever the runner left behind (the
+    kernel does, when the runner is the init of its own PID namespace) and exits. Only a trampoline that does
+    not is killed, with its process group."""
+    if runner.kill():
+        try:
+            proc.wait(timeout=TRAMPOLINE_EXIT_S)
+            return
+        except subprocess.TimeoutExpired:
+            log.error(
+                "a runner's trampoline did not exit %.0f s after its runner was killed", TRAMPOLINE_EXIT_S
+            )
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -169,17 +169,18 @@ def test_environment_carries_no_secrets(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 WORKER = """
-import json, subprocess, sys
+import json, os, subprocess, sys
 from pathlib import Path
 from workers import sandbox
 from workers.supervise import runner_env
 
-def child(limits):
+def child(limits, whose="worker"):
     work = Path(sys.argv[1])
+    pid = os.getpid() if whose == "worker" else "os.getppid()"  # the worker, or the runner's trampoline
     code = (
         "import json, os\\n"
         "try:\\n"
-        "    open(f'/proc/{os.getppid()}/environ', 'rb').read(); print(json.dumps('readable'))\\n"
+        f"    open(f'/proc/{{{pid}}}/environ', 'rb').read(); print(json.dumps('readable'))\\n"
         "except OSError as exc:\\n"
         "    print(json.dumps(type(exc).__name__))\\n"
     )
@@ -190,7 +191,9 @@ def child(limits):
 unconfined = sandbox.RunnerLimits(landlock=False, network=True, pid_namespace=False)
 before = child(unconfined)
 hardened = sandbox.harden_worker_process()
-print(json.dumps({"before": before, "after": child(unconfined), "full": child(None), "hardened": hardened}))
+trampoline = child(unconfined, "trampoline")
+print(json.dumps({"before": before, "after": child(unconfined), "full": child(None), "hardened": hardened,
+                  "trampoline": trampoline}))
 """
 
 
@@ -227,6 +230,7 @@ def test_worker_environment_unreadable_after_harden(public_dir: Path) -> None:
     assert seen["hardened"] == ["worker_not_dumpable"]
     assert seen["before"] == "readable", seen  # what the hardening is for
     assert seen["after"] == "PermissionError", seen
+    assert seen["trampoline"] == "PermissionError", seen  # the runner's reaper, outside its sandbox
     # The full sandbox: the runner's own /proc has no entry for the worker at all.
     assert seen["full"] in ("PermissionError", "FileNotFoundError"), seen
 
@@ -493,3 +497,51 @@ def test_error_messages_never_follow_links_the_runner_planted(layout: Layout) ->
     assert (layout.work / "runner.stderr").is_symlink()  # the link was there to follow
     assert "tenant" not in (outcome.error_message or "")
     assert "everything" not in outcome.sandbox  # only the trampoline's announcement counts
+
+
+ESCAPE = """
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()  # a session of its own, out of the runner's process group
+    if os.fork() == 0:
+        time.sleep(120)
+    os._exit(0)
+time.sleep(float(sys.argv[1]))
+print('{"event": "result", "result": {}}', flush=True)
+"""
+
+
+def _processes_in(folder: Path) -> list[int]:
+    """PIDs whose working directory is in `folder`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/cwd").startswith(str(folder)):
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.parametrize("pid_namespace", [True, False], ids=["pid_namespace", "subreaper_only"])
+@pytest.mark.parametrize("ending", ["exits", "killed"])
+def test_nothing_a_runner_started_outlives_it(tmp_path: Path, pid_namespace: bool, ending: str) -> None:
+    """A double-forked `setsid` process is gone when supervise returns, whether the runner exits or the worker
+    kills it at its time limit; with its own PID namespace (the kernel kills the namespace) and without one
+    (as under Docker's default seccomp profile: the trampoline, its subreaper, kills what comes back to it)."""
+    work = tmp_path / "work"
+    outcome = supervise(
+        [sys.executable, "-c", ESCAPE, "0.5" if ending == "exits" else "60"],
+        work_dir=work,
+        timeout_s=60 if ending == "exits" else 3,
+        limits=RunnerLimits(pid_namespace=pid_namespace),
+    )
+    assert (outcome.error_code is None) == (ending == "exits"), outcome
+    announced = {"in_force": outcome.sandbox, "gaps": outcome.sandbox_gaps}
+    require(announced, "runner_reaped")
+    if pid_namespace:
+        require(announced, "own_pid_namespace")
+    else:
+        assert "own_pid_namespace" not in outcome.sandbox
+    assert not _processes_in(work)
