@@ -419,10 +419,13 @@ def _children() -> list[int]:
     return found
 
 
-def _reap_and_mirror(pid: int) -> None:
+def _reap_and_mirror(pid: int, *, own_namespace: bool) -> None:
     """The trampoline, outside: wait for the runner, kill and reap whatever it left behind (this process is
     their subreaper: orphans of a double fork or `setsid` come back to it), then end the way the runner did,
-    so the worker sees its exit status or signal. Never returns."""
+    so the worker sees its exit status or signal. Never returns.
+
+    When the runner is the init of its own PID namespace the kernel has done the killing by the time it is
+    reaped; this process then reads no /proc (the one it sees is the namespace's, with the namespace's PIDs)."""
     while True:
         try:
             _, status = os.waitpid(pid, 0)
@@ -431,7 +434,7 @@ def _reap_and_mirror(pid: int) -> None:
             os._exit(1)
         except InterruptedError:
             continue
-    while True:  # a process killed here cannot fork again; what it forked before comes back here
+    while not own_namespace:  # a process killed here cannot fork again; what it forked before comes back
         for child in _children():
             with contextlib.suppress(OSError):
                 os.kill(child, signal.SIGKILL)
@@ -474,7 +477,7 @@ def _fork_runner(pidns: bool) -> tuple[int, Callable[[], bool], str | None]:
         os.close(ready_r)
         os.write(ready_w, f"{pid}\n".encode())
         # ready_w stays open until this process exits: its EOF tells the child that the trampoline is gone.
-        _reap_and_mirror(pid)
+        _reap_and_mirror(pid, own_namespace=pidns and refused is None)
     os.close(ready_w)
     alive = _pipe_open(ready_r)
     _arm_parent_death_signal(lambda: True)  # checked below, once the PID has arrived
