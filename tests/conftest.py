@@ -41,6 +41,19 @@ def traversable(path: Path) -> Path:
     return path
 
 
+def processes_in(folder: Path) -> list[int]:
+    """PIDs whose working directory is in `folder` (what a runner left behind would be)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/cwd").startswith(str(folder)):
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
 def reset_caches() -> None:
     from app.core.config import get_settings
     from app.core.db import get_engine, get_sessionmaker

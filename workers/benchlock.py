@@ -1,4 +1,4 @@
-"""The worker's side of the host's benchmark lock (DESIGN.md section 4: benchmarks never share cores).
+"""The worker's side of the host's benchmark lock: one benchmark at a time per host (docs/security.md).
 
 A runner never holds the lock itself: it asks its worker through a pipe, and the worker takes the `flock` on a
 description of the lock file that only the worker has. Whatever the runner leaves behind (a double-forked

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import fail_or_skip
+from tests.conftest import fail_or_skip, processes_in
 from tests.engine.conftest import FAST_BENCHMARK
 from tests.engine.conftest_static import Digits
 from workers.engine.api import QuantResult, quantize
@@ -272,7 +272,7 @@ def test_what_a_runner_leaves_behind_holds_no_lock(tmp_path: Path) -> None:
     assert outcome.result == {"held": True}, outcome
     if "own_pid_namespace" not in outcome.sandbox:
         fail_or_skip(f"no PID namespace for the runner here: {outcome.sandbox_gaps.get('own_pid_namespace')}")
-    assert not _processes_in(work)
+    assert not processes_in(work)
     assert _free(path)
     again = supervise(
         [sys.executable, "-c", textwrap.dedent(RUNNER)],
@@ -283,19 +283,6 @@ def test_what_a_runner_leaves_behind_holds_no_lock(tmp_path: Path) -> None:
     assert (
         again.result == {"held": True, "waited_s": again.result["waited_s"]} and again.result["waited_s"] < 1
     )
-
-
-def _processes_in(folder: Path) -> list[int]:
-    """PIDs whose working directory is in `folder`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.readlink(f"/proc/{entry}/cwd").startswith(str(folder)):
-                    found.append(int(entry))
-            except OSError:
-                continue
-    return found
 
 
 def test_a_lock_path_that_is_not_an_empty_file_is_not_used(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import fail_or_skip, traversable
+from tests.conftest import fail_or_skip, processes_in, traversable
 from workers import sandbox
 from workers.sandbox import PROTECTIONS, RunnerLimits
 from workers.supervise import run_runner, runner_env, supervise
@@ -511,19 +511,6 @@ print('{"event": "result", "result": {}}', flush=True)
 """
 
 
-def _processes_in(folder: Path) -> list[int]:
-    """PIDs whose working directory is in `folder`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.readlink(f"/proc/{entry}/cwd").startswith(str(folder)):
-                    found.append(int(entry))
-            except OSError:
-                continue
-    return found
-
-
 @pytest.mark.parametrize("pid_namespace", [True, False], ids=["pid_namespace", "subreaper_only"])
 @pytest.mark.parametrize("ending", ["exits", "killed"])
 def test_nothing_a_runner_started_outlives_it(tmp_path: Path, pid_namespace: bool, ending: str) -> None:
@@ -544,4 +531,4 @@ def test_nothing_a_runner_started_outlives_it(tmp_path: Path, pid_namespace: boo
         require(announced, "own_pid_namespace")
     else:
         assert "own_pid_namespace" not in outcome.sandbox
-    assert not _processes_in(work)
+    assert not processes_in(work)

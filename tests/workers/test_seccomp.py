@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import IN_CI
+from tests.conftest import fail_or_skip
 from workers import seccomp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,9 +148,7 @@ def require_filter() -> None:
     reason = seccomp.supported()
     if reason is None:
         return
-    if IN_CI:
-        pytest.fail(f"{reason}: CI must run the seccomp tests")
-    pytest.skip(reason)
+    fail_or_skip(f"{reason}: CI must run the seccomp tests")
 
 
 def run_probe(mode: str, timeout: float = 120) -> dict[str, Any]:
@@ -208,9 +206,7 @@ def test_control_without_the_filter(filtered: dict[str, Any], unfiltered: dict[s
     distinct = [probe for probe in DENIED_PROBES if unfiltered[probe] != "EPERM"]
     if not distinct:
         message = f"this host refuses every probe with EPERM by itself, no control possible: {unfiltered}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        fail_or_skip(message)
     assert unfiltered["clone3"] != "ENOSYS"
     for probe in ("landlock_abi", "personality"):
         assert filtered[probe] == unfiltered[probe], probe
@@ -300,9 +296,7 @@ def test_numbers_match_the_kernel_headers(machine: str) -> None:
     header = HEADERS[machine]
     if not header.exists():
         message = f"{header} is missing (Debian: linux-libc-dev)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        fail_or_skip(message)
     defined = dict(re.findall(r"^#define __NR_(\w+)\s+(\d+)\s*$", header.read_text(), re.MULTILINE))
     numbers = seccomp.SYSCALL_TABLES[machine][1]
     checked = {name: int(defined[name]) for name in numbers if name in defined}
