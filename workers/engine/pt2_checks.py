@@ -161,8 +161,8 @@ def _check_payloads(
                 "unpickles; only tensors are accepted: " + RESAVE_HINT,
             )
         if use_pickle is not False:
-            # torch.export.save pickles only tensor subclasses and object constants, and loads them with
-            # weights_only=False: any pickle is refused, not inspected.
+            # torch.export.save pickles only tensor subclasses and object constants, and torch loads them
+            # without the weights-only restriction: any pickle is refused, not inspected.
             code = "pickle_not_allowed" if use_pickle else "not_a_model"
             raise EngineError(
                 code,
@@ -445,7 +445,7 @@ def check_pt2_payloads(path: str | Path) -> None:
     program; for each, torch reads `data/sample_inputs/<m>.pt` (torch.load, weights_only=True, then without
     the restriction when that fails), the legacy `data/weights/<m>.pt` and `data/constants/<m>.pt` (the
     same), and the payload configs `data/{weights,constants}/<m>_*_config.json`, whose `use_pickle` entries
-    are torch.load'ed with weights_only=False and whose `custom_obj_`/`opaque_obj_` constants are unpickled.
+    are torch.load'ed without the weights-only restriction and whose `custom_obj_`/`opaque_obj_` constants are unpickled.
     The program JSON's symbolic shapes go through sympy.sympify (eval) and its pytree specs may import
     modules. So: the names must mean one entry each (_pt2_records); sample inputs must load with
     weights_only=True exactly as torch first loads them; pickled payloads, object constants, legacy files,
