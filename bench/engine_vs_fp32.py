@@ -95,7 +95,7 @@ def _iterations(prepared: Prepared, settings: Settings) -> int:
 def _config(
     case: Case, backend: str, settings: Settings, batch_sizes: tuple[int, ...], iterations: int
 ) -> Any:
-    from workers.engine.config import BenchmarkConfig, DynamicConfig, StaticConfig
+    from qaas.contract.jobs import BenchmarkConfig, DynamicConfig, StaticConfig
 
     bench = BenchmarkConfig(batch_sizes=batch_sizes, threads=settings.threads, iterations=iterations)
     if case.mode == "static":

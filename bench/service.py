@@ -207,8 +207,8 @@ def run_cli_job(prepared: Prepared, iterations: int, out: Path, backend: str = "
 
 def run_engine_job(prepared: Prepared, iterations: int, out: Path, backend: str = "fbgemm") -> float:
     """The same job by the engine in this process: its wall time (no runner process, no second check)."""
+    from qaas.contract.jobs import BenchmarkConfig, StaticConfig
     from workers.engine.api import quantize
-    from workers.engine.config import BenchmarkConfig, StaticConfig
 
     options, _ = _job_options(prepared, iterations)
     config = StaticConfig(

@@ -28,13 +28,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from pydantic import ValidationError
+
+from qaas.contract.jobs import EngineConfig, RunnerSpec, explain
+from qaas.contract.vocab import DataRole
 from workers.engine.errors import EngineError
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
-MODES = ("dynamic", "static", "qat")
-ROLES = ("calibration", "eval", "train")
 
 
 class Events:
@@ -87,11 +89,11 @@ def _inspect_dataset(args: argparse.Namespace, events: Events) -> dict[str, Any]
     return inspect_dataset(args.file, preprocess=preprocess).to_dict()
 
 
-def _dataset_path(spec: dict[str, Any], role: str, work: Path) -> str | None:
+def _dataset_path(spec: RunnerSpec, role: DataRole, work: Path) -> str | None:
     """The dataset file the engine reads for `role`. An image-folder zip is decoded here with its upload's
     preprocessing into an .npz in the runner's own directory, so the engine sees plain arrays."""
-    path = spec.get(role)
-    preprocess = (spec.get("preprocess") or {}).get(role)
+    path = spec.data()[role]
+    preprocess = (spec.preprocess or {}).get(role)
     if path is None or not preprocess:
         return path
     import numpy as np
@@ -104,91 +106,57 @@ def _dataset_path(spec: dict[str, Any], role: str, work: Path) -> str | None:
     return str(target)
 
 
-def _given(section: dict[str, Any], key: str, default: Any) -> Any:
-    """The service sends every documented field, null where the user gave none: null means the default."""
-    value = section.get(key)
-    return default if value is None else value
+def _read_spec(path: str) -> RunnerSpec:
+    """The job spec the worker wrote (workers.tasks), validated by the job contract.
 
-
-def _config_from_spec(spec: dict[str, Any]) -> Any:
-    """The engine config for the job spec the worker wrote (the HTTP request's mode, backend and options)."""
-    from workers.engine.config import BenchmarkConfig, DynamicConfig, QATConfig, StaticConfig
-
-    mode = spec.get("mode", "dynamic")
-    if mode not in MODES:
-        raise EngineError("unsupported_combination", f"mode {mode!r} is unknown: use dynamic, static or qat")
-    options = spec.get("options") or {}
-    bench = spec.get("benchmark") or {}
+    Raises:
+        EngineError: invalid_config, naming the field and what to use.
+    """
     try:
-        common: dict[str, Any] = {
-            "backend": _given(spec, "backend", "auto"),
-            "exclude": tuple(_given(options, "exclude", ())),
-            "seed": _given(options, "seed", 0),
-            "benchmark": BenchmarkConfig(
-                batch_sizes=tuple(_given(bench, "batch_sizes", (1,))),
-                threads=_given(bench, "threads", 1),
-                iterations=_given(bench, "iterations", 50),
-            ),
-        }
-        if mode == "dynamic":
-            # None: on for Hugging Face models (word embeddings only), off for the others.
-            return DynamicConfig(quantize_embeddings=options.get("quantize_embeddings"), **common)
-        common |= {
-            "weight_granularity": _given(options, "weight_granularity", "per_channel"),
-            "activation_observer": _given(options, "activation_observer", "histogram"),
-            "calibration_batches": _given(options, "calibration_batches", 32),
-            "batch_size": _given(options, "batch_size", 8),
-        }
-        if mode == "static":
-            return StaticConfig(**common)
-        qat = options.get("qat") or {}
-        return QATConfig(
-            epochs=_given(qat, "epochs", 1),
-            learning_rate=_given(qat, "learning_rate", 1e-4),
-            loss=_given(qat, "loss", "cross_entropy"),
-            optimizer=_given(qat, "optimizer", "sgd"),
-            train_batch_size=_given(qat, "batch_size", 32),
-            freeze_observers_after=_given(qat, "freeze_observers_after", 0.5),
-            **common,
-        )
-    except (ValueError, TypeError) as exc:
-        raise EngineError("invalid_config", str(exc)) from exc
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise EngineError("invalid_config", f"the job spec {path} cannot be read ({exc})") from exc
+    try:
+        return RunnerSpec.model_validate_json(text)
+    except ValidationError as exc:
+        raise EngineError("invalid_config", f"the job spec {path} is not valid: {explain(exc)}") from exc
+
+
+def _config_of(spec: RunnerSpec) -> EngineConfig:
+    try:
+        return spec.config()
+    except ValidationError as exc:
+        raise EngineError("invalid_config", explain(exc)) from exc
 
 
 def _quantize(args: argparse.Namespace, events: Events) -> dict[str, Any]:
-    try:
-        spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise EngineError(
-            "invalid_config", f"the job spec {args.spec} cannot be read as JSON ({exc})"
-        ) from exc
-    if not isinstance(spec, dict) or not spec.get("model"):
-        raise EngineError("invalid_config", 'the job spec must be a JSON object with "model": "<path>"')
-    config = _config_from_spec(spec)
+    spec = _read_spec(args.spec)
+    config = _config_of(spec)
     # Decoded datasets and the recheck's files: TMPDIR is the runner's own work directory in the sandbox.
     with tempfile.TemporaryDirectory(prefix="qaas-runner-") as scratch:
         return _quantize_in(spec, config, Path(args.out), Path(scratch), events)
 
 
 def _quantize_in(
-    spec: dict[str, Any], config: Any, out_dir: Path, work: Path, events: Events
+    spec: RunnerSpec, config: EngineConfig, out_dir: Path, work: Path, events: Events
 ) -> dict[str, Any]:
     from workers.engine.api import quantize
 
-    data = {role: _dataset_path(spec, role, work) for role in ROLES}
+    data = {role: _dataset_path(spec, role, work) for role in DataRole}
     result = quantize(
-        spec["model"],
+        spec.model,
         config,
         out_dir=out_dir,
-        input_shapes=spec.get("input_shapes"),
-        calibration=data["calibration"],
-        eval_data=data["eval"],
-        train=data["train"],
+        input_shapes=spec.input_shapes,
+        calibration=data[DataRole.CALIBRATION],
+        eval_data=data[DataRole.EVAL],
+        train=data[DataRole.TRAIN],
         progress=events.progress,
     )
     out = result.to_dict(relative_to=out_dir)
     # The image zips are arrays now: the second runner reads those, not the zips again.
-    checked = _fresh_recheck(spec | data | {"preprocess": None}, out, out_dir, work, events)
+    decoded = spec.model_copy(update={role.value: path for role, path in data.items()} | {"preprocess": None})
+    checked = _fresh_recheck(decoded, out, out_dir, work, events)
     out["metrics"]["fidelity"] = checked["fidelity"]
     if checked.get("accuracy") is not None:
         out["metrics"]["accuracy"] = checked["accuracy"]
@@ -207,7 +175,7 @@ def _quantize_in(
 
 
 def _fresh_recheck(
-    spec: dict[str, Any], out: dict[str, Any], out_dir: Path, work: Path, events: Events
+    spec: RunnerSpec, out: dict[str, Any], out_dir: Path, work: Path, events: Events
 ) -> dict[str, Any]:
     """Run `recheck` in a second runner process (see workers.engine.recheck) and return what it measured.
 
@@ -223,7 +191,7 @@ def _fresh_recheck(
     folder = work / "recheck"
     folder.mkdir(exist_ok=True)
     spec_file, first_file = folder / "spec.json", folder / "first.json"
-    spec_file.write_text(json.dumps(spec), encoding="utf-8")
+    spec_file.write_text(spec.model_dump_json(), encoding="utf-8")
     first_file.write_text(json.dumps(out["metrics"]), encoding="utf-8")
     artifact = out_dir / out["artifacts"][0]["file"]
     command = [
@@ -252,20 +220,20 @@ def _fresh_recheck(
 
 
 def _recheck(args: argparse.Namespace, events: Events) -> dict[str, Any]:
-    spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
+    spec = _read_spec(args.spec)
     first = json.loads(Path(args.first).read_text(encoding="utf-8"))
     from workers.engine.recheck import recheck
 
     events.progress("verifying", 0.0, "checking the artifact in a fresh process")
     return recheck(
-        spec.get("mode", "dynamic"),
-        spec["model"],
-        _config_from_spec(spec),
+        spec.mode,
+        spec.model,
+        _config_of(spec),
         artifact=args.artifact,
         engine=args.engine,
         first=first,
-        input_shapes=spec.get("input_shapes"),
-        data={role: spec.get(role) for role in ROLES},
+        input_shapes=spec.input_shapes,
+        data={role.value: path for role, path in spec.data().items()},
     )
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 import workers
+from qaas.contract.jobs import RunnerSpec
 from workers.benchlock import LockBroker
 from workers.sandbox import RunnerLimits, spawn
 
@@ -120,15 +121,11 @@ def _runner_paths(args: list[str], work_dir: Path) -> tuple[list[Path], list[Pat
         elif flag == "--spec":
             reads.append(path)
             try:
-                spec = json.loads(path.read_text(encoding="utf-8"))
+                spec = RunnerSpec.model_validate_json(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
-                continue
-            if isinstance(spec, dict):
-                reads += [work_dir / spec[key] for key in _SPEC_INPUTS if isinstance(spec.get(key), str)]
+                continue  # the runner refuses it with invalid_config
+            reads += [work_dir / p for p in (spec.model, *spec.data().values()) if p is not None]
     return reads, writes
-
-
-_SPEC_INPUTS = ("model", "calibration", "train", "eval")
 
 
 def default_bench_lock() -> Path:

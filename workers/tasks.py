@@ -1,4 +1,4 @@
-"""Thin adapters: claim -> runner -> store -> finish. Ids in, state re-read from the database."""
+"""The worker's tasks: claim -> runner -> store -> finish. Ids in, state re-read from the database."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import shutil
 import stat
 import time
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from pydantic import ValidationError
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app.core import logs, queue
 from app.core.config import get_settings
@@ -25,6 +27,8 @@ from app.services import datasets as dataset_service
 from app.services import jobs as job_service
 from app.services import models as model_service
 from app.services import stored as stored_service
+from qaas.contract.jobs import BenchmarkOptions, JobOptions, RunnerSpec, explain
+from qaas.contract.vocab import TERMINAL, Backend, DataRole, Mode
 from workers import upkeep
 from workers.sandbox import RunnerLimits
 from workers.supervise import INSPECTION_TIME_LIMIT_ADVICE, RunnerOutcome, run_runner
@@ -126,18 +130,60 @@ def inspect_dataset(dataset_id: str) -> None:
     _inspect_next()
 
 
-def _job_spec(job: Job, model: Model, datasets: dict[str, Any]) -> dict[str, Any]:
-    """The runner's spec with storage keys where its input files go: `_localize` turns them into paths."""
-    config = job.config
-    return {
-        "model": model.storage_key,
-        "input_shapes": model.input_shapes,
-        "mode": job.mode,
-        "backend": job.backend_requested,
-        "options": config.get("options", {}),
-        "benchmark": config.get("benchmark", {}),
-        **datasets,
-    }
+@dataclass(frozen=True)
+class _Claimed:
+    """A job this worker claimed: what its runner needs, read in the claim's transaction."""
+
+    job_id: str
+    worker_id: str
+    lease_s: float
+    attempt: int
+    spec: RunnerSpec  # storage keys where the input files go: `_localize` turns them into paths
+    timeout_s: float
+
+
+def _job_spec(session: Session, job: Job) -> RunnerSpec:
+    """The runner's spec for a job: its request's mode, backend and options, and where its inputs are stored."""
+    model = session.get(Model, job.model_id)
+    assert model is not None
+    keys: dict[str, str | None] = {}
+    preprocess: dict[DataRole, Any] = {}
+    for role, dataset_id in (
+        (DataRole.CALIBRATION, job.calibration_dataset_id),
+        (DataRole.TRAIN, job.train_dataset_id),
+        (DataRole.EVAL, job.eval_dataset_id),
+    ):
+        dataset = session.get(Dataset, dataset_id) if dataset_id else None
+        keys[role.value] = dataset.storage_key if dataset else None
+        if dataset is not None and dataset.preprocess:
+            preprocess[role] = dataset.preprocess
+    return RunnerSpec(
+        model=model.storage_key,
+        input_shapes=model.input_shapes,
+        mode=Mode(job.mode),
+        backend=Backend(job.backend_requested),
+        options=JobOptions.model_validate(job.config.get("options") or {}),
+        benchmark=BenchmarkOptions.model_validate(job.config.get("benchmark") or {}),
+        preprocess=preprocess,
+        **keys,
+    )
+
+
+def _claim(job_id: str, worker_id: str, lease_s: float) -> _Claimed | None:
+    """Claim the job for this worker (None when it is not queued any more) and read what its runner needs."""
+    settings = get_settings()
+    with session_scope() as session:
+        job = job_service.claim_job(session, job_id, worker_id, lease_s)
+        if job is None:
+            return None
+        logs.bind(tenant_id=job.tenant_id, worker=worker_id)
+        timeout_s = float(job.config.get("timeout_s") or settings.job_timeout_s)
+        try:
+            spec = _job_spec(session, job)
+        except ValidationError as exc:  # a row the job contract no longer accepts: fail it, never loop on it
+            job_service.fail_job(session, job_id, worker_id, "invalid_config", explain(exc))
+            return None
+        return _Claimed(job_id, worker_id, lease_s, job.attempts, spec, timeout_s)
 
 
 @celery.task(name=queue.RUN_JOB)
@@ -155,140 +201,27 @@ def _run_job(job_id: str) -> None:
         log.info("job %s: this worker is shutting down, sent back to the queue", job_id)
         return
     settings = get_settings()
-    storage = get_storage()
-    worker_id = _worker_id()
     lease_s = max(10.0, 6 * settings.heartbeat_s)  # a lost worker's job is re-queued once this runs out
-    with session_scope() as session:
-        job = job_service.claim_job(session, job_id, worker_id, lease_s)
-        if job is None:
-            log.info("job %s is not queued any more: nothing to do", job_id)
-            return
-        logs.bind(tenant_id=job.tenant_id, worker=worker_id)
-        model = session.get(Model, job.model_id)
-        assert model is not None
-        datasets: dict[str, Any] = {"preprocess": {}}
-        for role, dataset_id in (
-            ("calibration", job.calibration_dataset_id),
-            ("train", job.train_dataset_id),
-            ("eval", job.eval_dataset_id),
-        ):
-            dataset = session.get(Dataset, dataset_id) if dataset_id else None
-            datasets[role] = dataset.storage_key if dataset else None
-            if dataset is not None and dataset.preprocess:
-                datasets["preprocess"][role] = dataset.preprocess
-        spec = _job_spec(job, model, datasets)
-        attempt = job.attempts
-        timeout_s = float(job.config.get("timeout_s") or settings.job_timeout_s)
-        threads = int(job.config.get("benchmark", {}).get("threads", 1))
-
-    work = settings.work_dir / job_id / f"attempt-{attempt}"
-    stored: list[job_service.StoredArtifact] = []
+    claimed = _claim(job_id, _worker_id(), lease_s)
+    if claimed is None:
+        log.info("job %s is not queued any more: nothing to do", job_id)
+        return
+    work = settings.work_dir / job_id / f"attempt-{claimed.attempt}"
     out_fd: int | None = None
     try:
         (work / "out").mkdir(parents=True, exist_ok=True)
         # Taken before the runner starts: whatever it does to the name `out` (a link to another job's folder in
         # its place), its files are read through this handle.
         out_fd = os.open(work / "out", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        (work / "spec.json").write_text(json.dumps(_localize(spec, work / "inputs")))
-
-        written_at, written_stage = 0.0, ""
-
-        def relay(stage: str | None, percent: float | None, message: str | None) -> bool:
-            if upkeep.handing_back():
-                return True  # the worker is shutting down and the grace period is over
-            # A runner may report every batch: within one stage, write at most every PROGRESS_EVERY_S (the
-            # runner would otherwise wait on the database through its stdout pipe). Heartbeats always write.
-            nonlocal written_at, written_stage
-            now = time.monotonic()
-            if stage is not None and stage == written_stage and now - written_at < PROGRESS_EVERY_S:
-                return False
-            written_at, written_stage = now, stage or written_stage
-            with session_scope() as session:
-                return job_service.record_progress(
-                    session, job_id, worker_id, lease_s, stage, percent, message
-                )
-
-        limits = RunnerLimits.from_settings(settings)
-        if limits.cpu_seconds is not None:
-            # CPU time counts every thread: a multi-threaded job must meet its wall clock first.
-            limits = replace(limits, cpu_seconds=max(limits.cpu_seconds, int(threads * timeout_s) + 60))
-        outcome = run_runner(
-            ["quantize", "--spec", str(work / "spec.json"), "--out", str(work / "out")],
-            work_dir=work,
-            timeout_s=timeout_s,
-            threads=threads,
-            relay=relay,
-            heartbeat_s=settings.heartbeat_s,
-            limits=limits,
-            # One benchmark at a time on this host: the workers sharing this data directory take turns.
-            bench_lock=settings.data_dir / "bench.lock",
-        )
-        # What protected this runner, recorded whatever the outcome.
-        runner = {
-            "sandbox": [*outcome.sandbox, *WORKER_PROTECTIONS],
-            "gaps": outcome.sandbox_gaps,
-            "limits": asdict(limits),
-        }
-        if outcome.stopped:
-            with session_scope() as session:
-                cancelled = session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id))
-                if cancelled is None and upkeep.handing_back():
-                    job_service.hand_back(
-                        session, job_id, worker_id, "its worker shut down before it finished"
-                    )
-                    log.info("job %s handed back to the queue: this worker is shutting down", job_id)
-                else:
-                    job_service.mark_cancelled(session, job_id, worker_id, runner=runner)
-                    log.info("job %s cancelled while running", job_id)
-            return
-        error = _error_of(outcome)
-        if error is not None:
-            with session_scope() as session:
-                job_service.fail_job(session, job_id, worker_id, *error, runner=runner)
-            log.warning("job %s failed: %s: %s", job_id, error[0], error[1][:500])
-            return
-        assert outcome.result is not None
-        metrics = dict(outcome.result["metrics"])
-        if outcome.lock_notes:
-            metrics["warnings"] = [*metrics.get("warnings", []), *outcome.lock_notes]
-        try:
-            # run_runner returned: every process of the runner is gone, nothing changes in `out` any more.
-            stored = _store_artifacts(job_id, attempt, out_fd, outcome.result, metrics, limits.file_size_mb)
-        except RunnerOutputRefused as exc:
-            with session_scope() as session:
-                job_service.fail_job(
-                    session, job_id, worker_id, "invalid_runner_output", str(exc), runner=runner
-                )
-            log.warning("job %s failed: the runner's output was refused: %s", job_id, exc)
-            return
-        with session_scope() as session:
-            committed = job_service.succeed_job(
-                session,
-                job_id,
-                worker_id,
-                backend=outcome.result["backend"],
-                metrics=metrics,
-                artifacts=stored,
-                load_snippet=outcome.result["load_snippet"],
-                manifest=outcome.result["manifest"],
-                runner=runner,
-            )
-        if not committed:
-            log.info("job %s was cancelled or taken over while finishing: dropping its artifacts", job_id)
-            for artifact in stored:
-                storage.delete(artifact.storage_key)
-        else:  # what earlier attempts of this job left behind, if their workers died while storing
-            log.info("job %s succeeded on %s (attempt %s)", job_id, outcome.result["backend"], attempt)
-            ours = f"artifacts/{job_id}/attempt-{attempt}/"
-            for folder in {"/".join(k.split("/")[:3]) for k in storage.keys_under(f"artifacts/{job_id}/")}:
-                if not ours.startswith(folder + "/"):
-                    storage.delete_under(folder)
+        (work / "spec.json").write_text(_localize(claimed.spec, work / "inputs").model_dump_json())
+        outcome, limits = _run_attempt(claimed, work)
+        _record_outcome(claimed, outcome, limits, out_fd)
     except Exception as exc:
         log.exception("job %s failed in the worker", job_id)
-        for artifact in stored:
-            storage.delete(artifact.storage_key)
         with session_scope() as session:
-            job_service.fail_job(session, job_id, worker_id, "internal_error", f"{type(exc).__name__}: {exc}")
+            job_service.fail_job(
+                session, job_id, claimed.worker_id, "internal_error", f"{type(exc).__name__}: {exc}"
+            )
     finally:
         if out_fd is not None:
             os.close(out_fd)
@@ -296,15 +229,139 @@ def _run_job(job_id: str) -> None:
         _forget_finished_attempts(job_id, work.parent)
 
 
-def _localize(spec: dict[str, Any], inputs: Path) -> dict[str, Any]:
+class _ProgressRelay:
+    """Writes the runner's progress to the job row: within one stage at most every PROGRESS_EVERY_S (a runner
+    may report every batch, and would otherwise wait on the database through its stdout pipe); heartbeats
+    (stage None) always write. Returns True when the runner must stop (cancelled, or the worker hands back)."""
+
+    def __init__(self, claimed: _Claimed) -> None:
+        self.claimed = claimed
+        self.written_at, self.written_stage = 0.0, ""
+
+    def __call__(self, stage: str | None, percent: float | None, message: str | None) -> bool:
+        if upkeep.handing_back():
+            return True  # the worker is shutting down and the grace period is over
+        now = time.monotonic()
+        if stage is not None and stage == self.written_stage and now - self.written_at < PROGRESS_EVERY_S:
+            return False
+        self.written_at, self.written_stage = now, stage or self.written_stage
+        c = self.claimed
+        with session_scope() as session:
+            return job_service.record_progress(
+                session, c.job_id, c.worker_id, c.lease_s, stage, percent, message
+            )
+
+
+def _run_attempt(claimed: _Claimed, work: Path) -> tuple[RunnerOutcome, RunnerLimits]:
+    """Run the job's runner in its sandbox, relaying its progress; the outcome and the limits it ran under."""
+    settings = get_settings()
+    threads = claimed.spec.benchmark.threads
+    limits = RunnerLimits.from_settings(settings)
+    if limits.cpu_seconds is not None:
+        # CPU time counts every thread: a multi-threaded job must meet its wall clock first.
+        cpu_seconds = max(limits.cpu_seconds, int(threads * claimed.timeout_s) + 60)
+        limits = replace(limits, cpu_seconds=cpu_seconds)
+    outcome = run_runner(
+        ["quantize", "--spec", str(work / "spec.json"), "--out", str(work / "out")],
+        work_dir=work,
+        timeout_s=claimed.timeout_s,
+        threads=threads,
+        relay=_ProgressRelay(claimed),
+        heartbeat_s=settings.heartbeat_s,
+        limits=limits,
+        # One benchmark at a time on this host: the workers sharing this data directory take turns.
+        bench_lock=settings.data_dir / "bench.lock",
+    )
+    return outcome, limits
+
+
+def _record_outcome(claimed: _Claimed, outcome: RunnerOutcome, limits: RunnerLimits, out_fd: int) -> None:
+    """The job's end as the runner left it: cancelled or handed back, failed, or succeeded with its artifacts."""
+    job_id, worker_id = claimed.job_id, claimed.worker_id
+    # What protected this runner, recorded whatever the outcome.
+    runner = {"sandbox": [*outcome.sandbox, *WORKER_PROTECTIONS], "gaps": outcome.sandbox_gaps}
+    runner["limits"] = asdict(limits)
+    if outcome.stopped:
+        with session_scope() as session:
+            cancelled = session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id))
+            if cancelled is None and upkeep.handing_back():
+                job_service.hand_back(session, job_id, worker_id, "its worker shut down before it finished")
+                log.info("job %s handed back to the queue: this worker is shutting down", job_id)
+            else:
+                job_service.mark_cancelled(session, job_id, worker_id, runner=runner)
+                log.info("job %s cancelled while running", job_id)
+        return
+    error = _error_of(outcome)
+    if error is not None:
+        with session_scope() as session:
+            job_service.fail_job(session, job_id, worker_id, *error, runner=runner)
+        log.warning("job %s failed: %s: %s", job_id, error[0], error[1][:500])
+        return
+    assert outcome.result is not None
+    metrics = dict(outcome.result["metrics"])
+    if outcome.lock_notes:
+        metrics["warnings"] = [*metrics.get("warnings", []), *outcome.lock_notes]
+    try:
+        # run_runner returned: every process of the runner is gone, nothing changes in `out` any more.
+        stored = _store_artifacts(
+            job_id, claimed.attempt, out_fd, outcome.result, metrics, limits.file_size_mb
+        )
+    except RunnerOutputRefused as exc:
+        with session_scope() as session:
+            job_service.fail_job(session, job_id, worker_id, "invalid_runner_output", str(exc), runner=runner)
+        log.warning("job %s failed: the runner's output was refused: %s", job_id, exc)
+        return
+    _succeed(claimed, outcome.result, metrics, stored, runner)
+
+
+def _succeed(
+    claimed: _Claimed,
+    result: dict[str, Any],
+    metrics: dict[str, Any],
+    stored: list[job_service.StoredArtifact],
+    runner: dict[str, Any],
+) -> None:
+    """Mark the job succeeded with its stored artifacts, in one transaction; drop them when the job was
+    cancelled or taken over meanwhile, else delete what earlier attempts of this job left behind."""
+    storage, job_id = get_storage(), claimed.job_id
+    try:
+        with session_scope() as session:
+            committed = job_service.succeed_job(
+                session,
+                job_id,
+                claimed.worker_id,
+                backend=result["backend"],
+                metrics=metrics,
+                artifacts=stored,
+                load_snippet=result["load_snippet"],
+                manifest=result["manifest"],
+                runner=runner,
+            )
+    except BaseException:
+        for artifact in stored:
+            storage.delete(artifact.storage_key)
+        raise
+    if not committed:
+        log.info("job %s was cancelled or taken over while finishing: dropping its artifacts", job_id)
+        for artifact in stored:
+            storage.delete(artifact.storage_key)
+        return
+    log.info("job %s succeeded on %s (attempt %s)", job_id, result["backend"], claimed.attempt)
+    # What earlier attempts of this job left behind, if their workers died while storing.
+    ours = f"artifacts/{job_id}/attempt-{claimed.attempt}/"
+    for folder in {"/".join(k.split("/")[:3]) for k in storage.keys_under(f"artifacts/{job_id}/")}:
+        if not ours.startswith(folder + "/"):
+            storage.delete_under(folder)
+
+
+def _localize(spec: RunnerSpec, inputs: Path) -> RunnerSpec:
     """The spec with each stored input's key replaced by a local path (the runner reads local files only, and
     never gets storage credentials): the stored file itself, or a copy downloaded into the work folder."""
     storage = get_storage()
-    return spec | {
-        role: str(storage.local_copy(spec[role], inputs))
-        for role in ("model", "calibration", "train", "eval")
-        if spec.get(role)
-    }
+    keys = {"model": spec.model} | {role.value: key for role, key in spec.data().items()}
+    return spec.model_copy(
+        update={field: str(storage.local_copy(key, inputs)) for field, key in keys.items() if key}
+    )
 
 
 def _forget_finished_attempts(job_id: str, folder: Path) -> None:
@@ -314,7 +371,7 @@ def _forget_finished_attempts(job_id: str, folder: Path) -> None:
             status = session.scalar(select(Job.status).where(Job.id == job_id))
     except Exception:
         return  # the next attempt, or the next job of this worker, tries again
-    if status in job_service.TERMINAL:
+    if status in TERMINAL:
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -1,49 +1,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.schemas.common import ObjectError
-
-Mode = Literal["dynamic", "static", "qat"]
-Backend = Literal["auto", "fbgemm", "x86"]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class QATOptions(_Strict):
-    epochs: int = Field(1, ge=1, le=100)
-    learning_rate: float = Field(1e-4, gt=0, le=1.0)
-    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    batch_size: int = Field(32, ge=1, le=1024)
-    freeze_observers_after: float = Field(0.5, ge=0.0, le=1.0)
-
-
-class JobOptions(_Strict):
-    weight_granularity: Literal["per_channel", "per_tensor"] = "per_channel"
-    activation_observer: Literal["minmax", "moving_average", "histogram"] = "histogram"
-    exclude: list[str] = Field(
-        default_factory=list, max_length=256, description="Layer names or types kept float."
-    )
-    calibration_batches: int = Field(32, ge=1, le=10_000)
-    batch_size: int = Field(8, ge=1, le=1024)
-    quantize_embeddings: bool | None = Field(None, description="Default: on for Hugging Face models only.")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    qat: QATOptions = Field(default_factory=QATOptions)
-
-
-class BenchmarkOptions(_Strict):
-    batch_sizes: list[Annotated[int, Field(ge=1, le=256)]] = Field(
-        default_factory=lambda: [1, 8], min_length=1, max_length=8
-    )
-    threads: int = Field(1, ge=1, le=64)
-    iterations: int = Field(50, ge=1, le=10_000)
+from qaas.contract.jobs import BackendOption, BenchmarkOptions, JobOptions
+from qaas.contract.vocab import Backend, JobStatus, Mode
 
 
 def _requires(mode: str, field: str) -> dict[str, Any]:
@@ -54,7 +18,7 @@ def _requires(mode: str, field: str) -> dict[str, Any]:
     }
 
 
-class JobCreate(_Strict):
+class JobCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
@@ -74,7 +38,7 @@ class JobCreate(_Strict):
     )
     model_id: str = Field(max_length=40)
     mode: Mode
-    backend: Backend = "auto"
+    backend: BackendOption = Backend.AUTO
     calibration_dataset_id: str | None = Field(None, max_length=40)
     train_dataset_id: str | None = Field(None, max_length=40)
     eval_dataset_id: str | None = Field(None, max_length=40)

@@ -233,7 +233,7 @@ def test_every_error_code_qaas_raises_is_a_known_exit_reason() -> None:
     root = Path(__file__).resolve().parents[2]
     sources = [
         *(root / "workers").rglob("*.py"),
-        root / "qaas" / "archives.py",
+        root / "qaas" / "contract" / "archives.py",
         root / "app/services/reaper.py",
     ]
     patterns = (

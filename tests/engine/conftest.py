@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from qaas.contract.jobs import BenchmarkConfig, DynamicConfig
 from tests.engine.conftest_inductor import inductor_cache  # noqa: F401  (autouse: one Inductor cache)
-from workers.engine.config import BenchmarkConfig, DynamicConfig
 
 WIDTH = 256  # big enough that the int8 weights dominate the file and the size ratio passes 3
 FAST_BENCHMARK = BenchmarkConfig(batch_sizes=(1, 4), threads=1, iterations=3)
@@ -177,4 +177,4 @@ def pt2_with_pickled_weight(tmp_path: Path, mlp_pt2: Path) -> Path:
 
 @pytest.fixture
 def fast_config() -> DynamicConfig:
-    return DynamicConfig(benchmark=FAST_BENCHMARK)
+    return DynamicConfig(backend="fbgemm", benchmark=FAST_BENCHMARK)

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from qaas.contract.jobs import DynamicConfig, QATConfig, QATOptions, StaticConfig
 from tests.engine.conftest import FAST_BENCHMARK, WIDTH
 from tests.engine.conftest_static import IMAGE
 from workers.engine.api import QuantResult, quantize
-from workers.engine.config import DynamicConfig, QATConfig, StaticConfig
 from workers.engine.errors import EngineError
 from workers.engine.io import load_model
 
@@ -54,7 +54,7 @@ def config_for(mode: str, backend: str, **changes: Any) -> Any:
     }
     if mode == "static":
         return StaticConfig(**(common | changes))
-    common |= {"activation_observer": "moving_average", "epochs": 1, "train_batch_size": 16}
+    common |= {"activation_observer": "moving_average", "qat": QATOptions(epochs=1, batch_size=16)}
     return QATConfig(**(common | changes))
 
 

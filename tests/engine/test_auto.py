@@ -16,11 +16,11 @@ import pytest
 import torch
 from torch import nn
 
+from qaas.contract.jobs import DynamicConfig
 from tests.engine.conftest import FAST_BENCHMARK, WIDTH, export_pt2
 from tests.engine.conftest_matrix import Cell, config_for
 from workers.engine import backends
 from workers.engine.api import quantize
-from workers.engine.config import DynamicConfig
 from workers.engine.cpu import supported_backends
 from workers.engine.errors import EngineError
 
@@ -206,7 +206,7 @@ class Encoder(nn.Module):
 
 @pytest.mark.skipif(not X86_PT2, reason="needs torchao and a C++ compiler (AOTInductor)")
 def test_a_shared_activation_module_quantizes_on_x86(tmp_path: Path) -> None:
-    from workers.engine.config import StaticConfig
+    from qaas.contract.jobs import StaticConfig
 
     torch.manual_seed(0)
     path = export_pt2(SharedReLU(), torch.randn(2, 3, 8, 8), tmp_path / "shared.pt2")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from qaas.shapes import check_shapes_match
+from qaas.contract.shapes import check_shapes_match
 from workers.engine.data import check_dataset_matches, inspect_dataset, load_dataset
 from workers.engine.errors import EngineError
 from workers.engine.io import InputSpec, ModelInfo
@@ -105,6 +105,6 @@ def test_check_dataset_matches_raises_dataset_mismatch(tmp_path: Path) -> None:
 
 
 def test_shapes_module_needs_neither_torch_nor_numpy() -> None:
-    code = "import sys, qaas.shapes; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    code = "import sys, qaas.contract.shapes; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

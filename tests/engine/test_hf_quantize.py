@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from qaas.contract.jobs import DynamicConfig, QATConfig, StaticConfig
 from tests.engine.conftest import FAST_BENCHMARK
 from tests.engine.conftest_hf import LINEAR_LAYERS
 from workers.engine.api import quantize
-from workers.engine.config import DynamicConfig, QATConfig, StaticConfig
 from workers.engine.errors import EngineError
 from workers.engine.hf import embedding_cosine, hf_example_inputs
 from workers.engine.io import load_model
@@ -33,7 +33,9 @@ def reviews(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_dynamic_with_a_labelled_jsonl_eval_set(
     hf_zip: Path, hf_folder: Path, reviews: Path, tmp_path: Path
 ) -> None:
-    result = quantize(hf_zip, DynamicConfig(benchmark=FAST_BENCHMARK), out_dir=tmp_path, eval_data=reviews)
+    result = quantize(
+        hf_zip, DynamicConfig(backend="fbgemm", benchmark=FAST_BENCHMARK), out_dir=tmp_path, eval_data=reviews
+    )
     assert [(a.name, a.format) for a in result.artifacts] == [("model.int8.ts", "torchscript")]
     metrics = result.metrics
     layers = metrics["layers"]
@@ -73,7 +75,9 @@ def test_embeddings_can_be_kept_float(hf_zip: Path, tmp_path: Path) -> None:
     assert any("random inputs" in w for w in result.metrics["warnings"])
 
 
-@pytest.mark.parametrize("config", [StaticConfig(), QATConfig()], ids=["static", "qat"])
+@pytest.mark.parametrize(
+    "config", [StaticConfig(backend="fbgemm"), QATConfig(backend="fbgemm")], ids=["static", "qat"]
+)
 def test_static_and_qat_are_refused_before_anything_else(
     config: object, hf_zip: Path, tmp_path: Path
 ) -> None:

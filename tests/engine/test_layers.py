@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
+from qaas.contract.jobs import DynamicConfig, StaticConfig
 from tests.engine.conftest import FAST_BENCHMARK, MLP, WIDTH, export_pt2
 from tests.engine.conftest_static import IMAGE
 from workers.engine.api import quantize
-from workers.engine.config import DynamicConfig, StaticConfig
 from workers.engine.cpu import supported_backends
 from workers.engine.layers import LOW_SQNR_DB, Measured, ProgramProbe, measure_layers
 from workers.engine.verify import SQNR_CAP_DB
@@ -66,8 +66,8 @@ def check_rows(rows: list[dict[str, Any]], names: set[str], types: set[str]) -> 
 @pytest.mark.parametrize(
     "config",
     [
-        DynamicConfig(benchmark=FAST_BENCHMARK),
-        StaticConfig(benchmark=FAST_BENCHMARK, weight_granularity="per_tensor"),
+        DynamicConfig(backend="fbgemm", benchmark=FAST_BENCHMARK),
+        StaticConfig(backend="fbgemm", benchmark=FAST_BENCHMARK, weight_granularity="per_tensor"),
     ],
     ids=["dynamic", "static_per_tensor"],
 )
@@ -103,7 +103,7 @@ def test_numbers_match_a_layer_quantized_by_hand(mlp_pt2: Path, mlp: MLP, tmp_pa
     np.savez(tmp_path / "eval.npz", x=x)
     result = quantize(
         mlp_pt2,
-        DynamicConfig(benchmark=FAST_BENCHMARK),
+        DynamicConfig(backend="fbgemm", benchmark=FAST_BENCHMARK),
         out_dir=tmp_path / "o",
         eval_data=tmp_path / "eval.npz",
     )
@@ -125,7 +125,10 @@ def test_numbers_match_a_layer_quantized_by_hand(mlp_pt2: Path, mlp: MLP, tmp_pa
 def test_static_layers_are_the_fused_groups(cnn_pt2: Path, cnn_calib: Path, tmp_path: Path) -> None:
     """conv+bn+relu is one int8 layer, named after its convolution, compared with the float group's output."""
     result = quantize(
-        cnn_pt2, StaticConfig(benchmark=FAST_BENCHMARK), out_dir=tmp_path, calibration=cnn_calib
+        cnn_pt2,
+        StaticConfig(backend="fbgemm", benchmark=FAST_BENCHMARK),
+        out_dir=tmp_path,
+        calibration=cnn_calib,
     )
     rows = result.metrics["layers"]["per_layer"]
     check_rows(rows, {"features.0", "features.3", "head"}, {"Conv2d", "Linear"})
@@ -156,7 +159,7 @@ def test_torchscript_uploads_say_why_there_are_no_layers(
 ) -> None:
     result = quantize(
         cnn_ts,
-        StaticConfig(benchmark=FAST_BENCHMARK),
+        StaticConfig(backend="fbgemm", benchmark=FAST_BENCHMARK),
         out_dir=tmp_path,
         calibration=cnn_calib,
         input_shapes={"x": [None, 3, IMAGE, IMAGE]},
@@ -200,5 +203,5 @@ def test_measure_layers_never_fails_the_job() -> None:
 
 
 def test_recurrent_layers_are_measured(rnn_pt2: Path, tmp_path: Path) -> None:
-    result = quantize(rnn_pt2, DynamicConfig(benchmark=FAST_BENCHMARK), out_dir=tmp_path)
+    result = quantize(rnn_pt2, DynamicConfig(backend="fbgemm", benchmark=FAST_BENCHMARK), out_dir=tmp_path)
     check_rows(result.metrics["layers"]["per_layer"], {"lstm", "gru", "head"}, {"LSTM", "GRU", "Linear"})

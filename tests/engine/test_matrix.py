@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from qaas.support import BACKENDS, CONCRETE_BACKENDS, FORMATS, MODES, SUPPORT, refusal
+from qaas.contract.support import BACKENDS, CONCRETE_BACKENDS, FORMATS, MODES, SUPPORT, refusal
 from tests.engine.conftest_matrix import Cell, CellInputs, cosine, reload, sample_inputs
 from workers.engine.cpu import supported_backends
 

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+from qaas.contract.jobs import DynamicConfig, QATConfig, StaticConfig
 from tests.conftest import fail_or_skip, processes_in
 from tests.engine.conftest import FAST_BENCHMARK
 from tests.engine.conftest_static import Digits
 from workers.engine.api import QuantResult, quantize
 from workers.engine.bench import FALLBACK_LOCK, LOCK_FD_ENV
-from workers.engine.config import DynamicConfig, QATConfig, StaticConfig
 from workers.supervise import BENCH_LOCK_FD_ENV, supervise
 
 pytest_plugins = ["tests.engine.conftest_static"]
@@ -36,7 +36,7 @@ RELEASE_AFTER_S = 0.2  # the holder lets go this long after the waiter said it w
 def digits_static(digits: Digits, tmp_path_factory: pytest.TempPathFactory) -> QuantResult:
     return quantize(
         digits.pt2,
-        StaticConfig(benchmark=FAST_BENCHMARK),
+        StaticConfig(backend="fbgemm", benchmark=FAST_BENCHMARK),
         out_dir=tmp_path_factory.mktemp("digits_static"),
         calibration=digits.train,
         eval_data=digits.test,
@@ -108,7 +108,12 @@ def test_a_job_waits_for_the_host_lock_and_says_how_long(
             said.append(message)
             release_later(holder, released)
 
-    result = quantize(mlp_pt2, DynamicConfig(benchmark=FAST_BENCHMARK), out_dir=tmp_path, progress=progress)
+    result = quantize(
+        mlp_pt2,
+        DynamicConfig(backend="fbgemm", benchmark=FAST_BENCHMARK),
+        out_dir=tmp_path,
+        progress=progress,
+    )
     assert said and released.is_set()  # it waited, and went on only once the holder let go
     assert result.metrics["environment"]["bench_lock_wait_s"] > 0
 
@@ -306,7 +311,7 @@ def test_qat_with_few_calibration_samples_warns(digits: Digits, tmp_path: Path) 
     few = tmp_path / "few.npz"
     with np.load(digits.train) as data:
         np.savez(few, x=data["x"][:12], labels=data["labels"][:12])
-    config = QATConfig(benchmark=FAST_BENCHMARK, activation_observer="moving_average")
+    config = QATConfig(backend="fbgemm", benchmark=FAST_BENCHMARK, activation_observer="moving_average")
     result = quantize(digits.pt2, config, out_dir=tmp_path / "out", train=digits.train, calibration=few)
     assert result.manifest["calibration_samples"] == 12
     assert any(w.startswith("only 12 calibration samples were observed") for w in result.metrics["warnings"])

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from qaas.contract.jobs import DynamicConfig, StaticConfig
 from tests.engine.conftest import FAST_BENCHMARK
 from workers.engine.api import quantize
-from workers.engine.config import DynamicConfig, StaticConfig
 from workers.engine.static import static_qconfig
 
 
@@ -25,7 +25,9 @@ def test_dynamic_from_a_program_equals_eager_quantize_dynamic(tmp_path: Path) ->
     path = tmp_path / "seq.pt2"  # nn.Sequential names its input "input"
     batch = {"input": {0: torch.export.Dim("batch")}}
     torch.export.save(torch.export.export(model, (torch.randn(2, 32),), dynamic_shapes=batch), str(path))
-    result = quantize(path, DynamicConfig(benchmark=FAST_BENCHMARK), out_dir=tmp_path / "out")
+    result = quantize(
+        path, DynamicConfig(backend="fbgemm", benchmark=FAST_BENCHMARK), out_dir=tmp_path / "out"
+    )
     engine = torch.jit.load(str(result.artifacts[0].path))
     eager = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(7))
@@ -55,7 +57,7 @@ def check_formula(
 
 
 def test_static_per_tensor_follows_the_affine_formula_with_an_exact_zero() -> None:
-    config = StaticConfig(weight_granularity="per_tensor", activation_observer="minmax")
+    config = StaticConfig(backend="fbgemm", weight_granularity="per_tensor", activation_observer="minmax")
     qconfig = static_qconfig(config)
     x = torch.cat([torch.randn(1000, generator=torch.Generator().manual_seed(8)) * 3 + 1, torch.zeros(1)])
 

@@ -9,17 +9,19 @@ import numpy as np
 import pytest
 import torch
 
+from qaas.contract.jobs import QATConfig, QATOptions
 from tests.engine.conftest import FAST_BENCHMARK, WIDTH
 from tests.engine.conftest_static import IMAGE, Digits
 from workers.engine.api import quantize
-from workers.engine.config import QATConfig
 from workers.engine.errors import EngineError
 
 pytest_plugins = ["tests.engine.conftest_static"]
 
 
-def config(**options: object) -> QATConfig:
-    return QATConfig(benchmark=FAST_BENCHMARK, **options)  # type: ignore[arg-type]
+def config(**options: Any) -> QATConfig:
+    """A QAT config on fbgemm: the QAT knobs (epochs, loss, ...) go to `qat`, the others to the config."""
+    training = {k: options.pop(k) for k in list(options) if k in QATOptions.model_fields}
+    return QATConfig(backend="fbgemm", benchmark=FAST_BENCHMARK, qat=QATOptions(**training), **options)
 
 
 def test_digits_qat_keeps_accuracy_and_reports_training(digits: Digits, tmp_path: Path) -> None:
@@ -79,7 +81,7 @@ def test_mse_loss_on_an_mlp(mlp_pt2: Path, tmp_path: Path) -> None:
     )
     result = quantize(
         mlp_pt2,
-        config(loss="mse", activation_observer="minmax", learning_rate=1e-4, train_batch_size=16),
+        config(loss="mse", activation_observer="minmax", learning_rate=1e-4, batch_size=16),
         out_dir=tmp_path / "out",
         train=data,
     )

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from qaas.contract.jobs import DynamicConfig
 from tests.engine.conftest import FAST_BENCHMARK, MLP, WIDTH
 from workers.engine.api import QuantResult, quantize
-from workers.engine.config import DynamicConfig
 from workers.engine.errors import EngineError
 
 
@@ -42,7 +42,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def pt2_run(mlp_pt2: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[QuantResult, list[str]]:
     stages: list[str] = []
     out = tmp_path_factory.mktemp("pt2_out")
-    config = DynamicConfig(benchmark=FAST_BENCHMARK)
+    config = DynamicConfig(backend="fbgemm", benchmark=FAST_BENCHMARK)
     result = quantize(
         mlp_pt2, config, out_dir=out, progress=lambda stage, percent, message: stages.append(stage)
     )
@@ -58,7 +58,10 @@ def pt2_result(pt2_run: tuple[QuantResult, list[str]]) -> QuantResult:
 def ts_result(mlp_ts: Path, tmp_path_factory: pytest.TempPathFactory) -> QuantResult:
     out = tmp_path_factory.mktemp("ts_out")
     return quantize(
-        mlp_ts, DynamicConfig(benchmark=FAST_BENCHMARK), out_dir=out, input_shapes={"x": [None, WIDTH]}
+        mlp_ts,
+        DynamicConfig(backend="fbgemm", benchmark=FAST_BENCHMARK),
+        out_dir=out,
+        input_shapes={"x": [None, WIDTH]},
     )
 
 
@@ -131,7 +134,7 @@ def test_progress_stages(pt2_run: tuple[QuantResult, list[str]]) -> None:
 
 
 def test_recurrent_layers_are_quantized_from_pt2(rnn_pt2: Path, tmp_path: Path) -> None:
-    result = quantize(rnn_pt2, DynamicConfig(benchmark=FAST_BENCHMARK), out_dir=tmp_path)
+    result = quantize(rnn_pt2, DynamicConfig(backend="fbgemm", benchmark=FAST_BENCHMARK), out_dir=tmp_path)
     assert result.metrics["layers"]["quantized"] == 3  # LSTM, GRU and the Linear head
     assert result.metrics["fidelity"]["cosine"] >= 0.99
     assert result.metrics["size"]["ratio"] >= 3
@@ -151,7 +154,7 @@ def test_decomposed_programs_and_embeddings(models_dir: Path, tmp_path: Path) ->
         warnings.simplefilter("ignore")
         program = torch.export.export(model, (ids,), dynamic_shapes={"ids": {0: torch.export.Dim("batch")}})
         torch.export.save(program.run_decompositions(), str(path))  # linear becomes addmm(b, x, permute(w))
-    config = DynamicConfig(quantize_embeddings=True, benchmark=FAST_BENCHMARK)
+    config = DynamicConfig(backend="fbgemm", quantize_embeddings=True, benchmark=FAST_BENCHMARK)
     result = quantize(path, config, out_dir=tmp_path)
     assert result.metrics["layers"]["quantized"] == 2  # the Embedding and the Linear
     assert result.metrics["size"]["ratio"] >= 3
@@ -162,7 +165,7 @@ def test_decomposed_programs_and_embeddings(models_dir: Path, tmp_path: Path) ->
 
 
 def test_exclude_keeps_layers_in_float(mlp_pt2: Path, tmp_path: Path) -> None:
-    config = DynamicConfig(exclude=("head", "nothing.here"), benchmark=FAST_BENCHMARK)
+    config = DynamicConfig(backend="fbgemm", exclude=("head", "nothing.here"), benchmark=FAST_BENCHMARK)
     result = quantize(mlp_pt2, config, out_dir=tmp_path)
     assert result.metrics["layers"]["quantized"] == 2
     assert result.metrics["layers"]["float"] == 1
@@ -172,14 +175,17 @@ def test_exclude_keeps_layers_in_float(mlp_pt2: Path, tmp_path: Path) -> None:
 def test_exclude_by_type_in_torchscript(mlp_ts: Path, tmp_path: Path) -> None:
     with pytest.raises(EngineError) as info:
         quantize(
-            mlp_ts, DynamicConfig(exclude=("Linear",)), out_dir=tmp_path, input_shapes={"x": [None, WIDTH]}
+            mlp_ts,
+            DynamicConfig(backend="fbgemm", exclude=("Linear",)),
+            out_dir=tmp_path,
+            input_shapes={"x": [None, WIDTH]},
         )
     assert info.value.code == "nothing_quantized"
 
 
 def test_conv_only_model_quantizes_nothing(conv_pt2: Path, tmp_path: Path) -> None:
     with pytest.raises(EngineError) as info:
-        quantize(conv_pt2, DynamicConfig(), out_dir=tmp_path)
+        quantize(conv_pt2, DynamicConfig(backend="fbgemm"), out_dir=tmp_path)
     assert info.value.code == "nothing_quantized"
     assert "no Linear, LSTM or GRU layer found to quantize dynamically" in info.value.message
     assert not (tmp_path / "model.int8.ts").exists()
@@ -189,7 +195,10 @@ def test_verification_uses_evaluation_data(mlp_pt2: Path, tmp_path: Path) -> Non
     data = tmp_path / "eval.npz"
     np.savez(data, x=np.random.default_rng(0).standard_normal((20, WIDTH)).astype(np.float64))
     result = quantize(
-        mlp_pt2, DynamicConfig(benchmark=FAST_BENCHMARK), out_dir=tmp_path / "out", eval_data=data
+        mlp_pt2,
+        DynamicConfig(backend="fbgemm", benchmark=FAST_BENCHMARK),
+        out_dir=tmp_path / "out",
+        eval_data=data,
     )
     assert result.metrics["fidelity"]["cosine"] >= 0.99
     assert not any("random inputs" in w for w in result.metrics["warnings"])
@@ -199,7 +208,7 @@ def test_mismatched_data_is_refused_before_converting(mlp_pt2: Path, tmp_path: P
     data = tmp_path / "calib.npz"
     np.savez(data, x=np.zeros((4, 3, 28, 28), np.float32))
     with pytest.raises(EngineError) as info:
-        quantize(mlp_pt2, DynamicConfig(), out_dir=tmp_path / "out", calibration=data)
+        quantize(mlp_pt2, DynamicConfig(backend="fbgemm"), out_dir=tmp_path / "out", calibration=data)
     assert info.value.code == "dataset_mismatch"
     assert (
         info.value.message
@@ -214,14 +223,14 @@ def test_tracing_fallback_keeps_the_batch_dynamic(
         raise RuntimeError("pretend TorchScript cannot compile this program")
 
     monkeypatch.setattr(torch.jit, "script", no_script)
-    result = quantize(mlp_pt2, DynamicConfig(benchmark=FAST_BENCHMARK), out_dir=tmp_path)
+    result = quantize(mlp_pt2, DynamicConfig(backend="fbgemm", benchmark=FAST_BENCHMARK), out_dir=tmp_path)
     assert any("traced, not scripted" in w for w in result.metrics["warnings"])
     int8 = torch.jit.load(str(artifact(result)))
     assert int8(torch.randn(5, WIDTH)).shape == (5, 10)
 
 
 def test_embeddings_need_a_program(mlp_ts: Path, tmp_path: Path) -> None:
-    config = DynamicConfig(quantize_embeddings=True)
+    config = DynamicConfig(backend="fbgemm", quantize_embeddings=True)
     with pytest.raises(EngineError) as info:
         quantize(mlp_ts, config, out_dir=tmp_path, input_shapes={"x": [None, WIDTH]})
     assert info.value.code == "unsupported_combination"
@@ -232,7 +241,7 @@ def test_a_fixed_batch_is_benchmarked_as_it_is(mlp: MLP, tmp_path: Path) -> None
     torch.export.save(
         torch.export.export(mlp, (torch.randn(1, WIDTH),)), str(path)
     )  # no Dim: batch fixed at 1
-    config = DynamicConfig(benchmark=FAST_BENCHMARK)  # asks for batches 1 and 4
+    config = DynamicConfig(backend="fbgemm", benchmark=FAST_BENCHMARK)  # asks for batches 1 and 4
     result = quantize(path, config, out_dir=tmp_path / "out")
     assert [row["batch_size"] for row in result.metrics["latency"]] == [1]
     assert "the model has a fixed batch size of 1: benchmarked at 1 only" in result.metrics["warnings"]
@@ -254,7 +263,9 @@ def test_an_unfaithful_result_fails_verification_and_leaves_no_artifact(tmp_path
     x[:, 0] = 1e6
     np.savez(tmp_path / "eval.npz", x=x)
     with pytest.raises(EngineError) as info:
-        quantize(path, DynamicConfig(), out_dir=tmp_path / "out", eval_data=tmp_path / "eval.npz")
+        quantize(
+            path, DynamicConfig(backend="fbgemm"), out_dir=tmp_path / "out", eval_data=tmp_path / "eval.npz"
+        )
     assert info.value.code == "verification_failed"
     assert "options.exclude" in info.value.message
     assert not (tmp_path / "out" / "model.int8.ts").exists()

@@ -93,8 +93,8 @@ def test_quantize(mlp_pt2: Path, tmp_path: Path) -> None:
         input_shapes=None,
         mode="dynamic",
         backend="fbgemm",  # auto's candidates and its AOTInductor compile are tested in-process
-        options={"exclude": None, "quantize_embeddings": None, "seed": None, "weight_granularity": None},
-        benchmark={"batch_sizes": [1], "threads": None, "iterations": 3},  # null: the default
+        options={"exclude": [], "quantize_embeddings": None, "seed": 0, "weight_granularity": "per_channel"},
+        benchmark={"batch_sizes": [1], "iterations": 3},  # threads: the contract's default
         calibration=None,
         eval=None,
         train=None,
@@ -115,9 +115,15 @@ def test_quantize(mlp_pt2: Path, tmp_path: Path) -> None:
 
 
 def test_quantize_refuses_unknown_modes_and_missing_data(mlp_pt2: Path, tmp_path: Path) -> None:
+    # The spec is the job contract's (qaas.contract.jobs.RunnerSpec): an unknown mode or option is named.
     spec = write_spec(tmp_path / "turbo.json", model=str(mlp_pt2), mode="turbo")
     rc, events, _ = run_runner("quantize", "--spec", str(spec), "--out", str(tmp_path / "a"))
-    assert (rc, events[-1]["code"]) == (2, "unsupported_combination")
+    assert (rc, events[-1]["code"]) == (2, "invalid_config")
+    assert "mode: 'turbo' is unknown" in events[-1]["message"]
+    spec = write_spec(tmp_path / "typo.json", model=str(mlp_pt2), mode="dynamic", options={"sead": 1})
+    rc, events, _ = run_runner("quantize", "--spec", str(spec), "--out", str(tmp_path / "a"))
+    assert (rc, events[-1]["code"]) == (2, "invalid_config")
+    assert "options.sead" in events[-1]["message"]
     spec = write_spec(tmp_path / "static.json", model=str(mlp_pt2), mode="static")
     rc, events, _ = run_runner("quantize", "--spec", str(spec), "--out", str(tmp_path / "c"))
     assert (rc, events[-1]["code"]) == (2, "dataset_required")

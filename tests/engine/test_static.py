@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
+from qaas.contract.jobs import StaticConfig
 from tests.engine.conftest import FAST_BENCHMARK, MLP, WIDTH, export_pt2
 from tests.engine.conftest_static import IMAGE, Digits, SmallCNN
 from workers.engine.api import QuantResult, quantize
-from workers.engine.config import StaticConfig
 from workers.engine.errors import EngineError
 
 pytest_plugins = ["tests.engine.conftest_static"]
@@ -26,7 +26,7 @@ METRIC_KEYS = {"size", "latency", "fidelity", "layers", "environment", "warnings
 
 
 def config(**options: object) -> StaticConfig:
-    return StaticConfig(benchmark=FAST_BENCHMARK, **options)  # type: ignore[arg-type]
+    return StaticConfig(backend="fbgemm", benchmark=FAST_BENCHMARK, **options)  # type: ignore[arg-type]
 
 
 def load_int8(result: QuantResult) -> torch.jit.ScriptModule:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from qaas.support import (
+from qaas.contract.support import (
     BACKENDS,
     CONCRETE_BACKENDS,
     FORMATS,
@@ -86,6 +86,6 @@ def test_option_level_refusals() -> None:
 
 
 def test_support_imports_no_torch() -> None:
-    code = "import sys, qaas.support; print('torch' in sys.modules)"
+    code = "import sys, qaas.contract.support; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -18,11 +18,11 @@ import pytest
 import torch
 from torch import nn
 
+from qaas.contract.jobs import BenchmarkConfig, StaticConfig
 from tests.engine.conftest import FAST_BENCHMARK
 from tests.engine.conftest_static import Digits, SmallCNN
 from workers.engine.api import quantize
 from workers.engine.bench import benchmark
-from workers.engine.config import BenchmarkConfig, StaticConfig
 from workers.engine.cpu import ISA_FLAGS, choose_backend, cpu_info, supported_backends
 from workers.engine.errors import EngineError
 from workers.engine.verify import fidelity

@@ -6,26 +6,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from workers.engine.config import DynamicConfig, QATConfig, StaticConfig
+from qaas.contract.jobs import DynamicConfig, QATConfig, StaticConfig
 from workers.engine.dynamic import quantize_dynamic_model
 from workers.engine.qat import quantize_qat_model
 from workers.engine.result import ArtifactFile, ProgressFn, QuantResult
 from workers.engine.static import quantize_static_model
 
-__all__ = ["ArtifactFile", "ProgressFn", "QuantResult", "quantize", "register_handler"]
+__all__ = ["ArtifactFile", "ProgressFn", "QuantResult", "quantize"]
 
 Handler = Callable[..., QuantResult]
-# One handler per config type; another backend's handler registers the same way.
+# One handler per config type (QATConfig extends StaticConfig: the exact type picks).
 _HANDLERS: dict[type, Handler] = {
     DynamicConfig: quantize_dynamic_model,
     StaticConfig: quantize_static_model,
     QATConfig: quantize_qat_model,
 }
-
-
-def register_handler(config_type: type, handler: Handler) -> None:
-    """Make `quantize` send configs of `config_type` to `handler` (same keyword arguments as quantize)."""
-    _HANDLERS[config_type] = handler
 
 
 def quantize(
@@ -60,7 +55,7 @@ def quantize(
         progress: called with (stage, percent, message).
 
     Returns:
-        QuantResult: the chosen backend, the artifacts, metrics (DESIGN.md section 6), a load snippet, a manifest.
+        QuantResult: the chosen backend, the artifacts, metrics (docs/architecture.md), a load snippet, a manifest.
 
     Raises:
         EngineError: for inputs or requests the user can fix (see errors.EngineError for the codes).

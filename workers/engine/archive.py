@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qaas.archives import ArchiveLimits, ArchiveRefused, check_zip_file
+from qaas.contract.archives import ArchiveLimits, ArchiveRefused, check_zip_file
 from workers.engine.errors import EngineError
 
 __all__ = [
@@ -26,7 +26,7 @@ __all__ = [
     "open_zip",
 ]
 
-# The rules are qaas.archives' (the API checks every upload with them too); these name its limits here.
+# The rules are qaas.contract.archives' (the API checks every upload with them too); these name its limits here.
 MAX_ENTRIES = ArchiveLimits.max_entries
 MAX_TOTAL_UNCOMPRESSED = ArchiveLimits.max_total_uncompressed
 # A deflated entry this many times larger than its compressed size is a zip bomb, not model weights.
@@ -68,7 +68,7 @@ EXPORT_HINT = (
 def check_zip(zf: zipfile.ZipFile, *, code: str, what: str) -> list[str]:
     """Refuse archives that are too big, too many, compressed like a bomb or escaping with their paths.
 
-    The rules are qaas.archives.check_zip_file's, applied to the archive's file (its structures, not zf's
+    The rules are qaas.contract.archives.check_zip_file's, applied to the archive's file (its structures, not zf's
     entry list): entry count, total and per-entry expansion, unsafe paths, symbolic links, encryption, a
     damaged directory and the headers of `.safetensors` entries.
 
@@ -95,7 +95,7 @@ def check_zip(zf: zipfile.ZipFile, *, code: str, what: str) -> list[str]:
     try:
         check_zip_file(source, limits)
     except ArchiveRefused as exc:
-        # qaas.archives' zip messages begin with "the archive": name it ("the model archive").
+        # qaas.contract.archives' zip messages begin with "the archive": name it ("the model archive").
         message = exc.message
         if message.startswith("the archive"):
             message = f"the {what} archive{message[len('the archive') :]}"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from workers.engine.config import BenchmarkConfig
+from qaas.contract.jobs import BenchmarkConfig
 
 __all__ = [
     "LOCK_FD_ENV",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qaas.shapes import LABELS, check_shapes_match
+from qaas.contract.shapes import LABELS, check_shapes_match
 from workers.engine.archive import check_zip, open_zip
 from workers.engine.errors import EngineError
 from workers.engine.images import image_size as preprocessed_size

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from qaas.contract.jobs import DynamicConfig
 from workers.engine import backends
-from workers.engine.config import DynamicConfig
 from workers.engine.errors import EngineError
 from workers.engine.io import LoadedModel
 from workers.engine.layers import GRAPH_MODE, ModuleProbe, ProgramProbe, quantized_layers, unavailable

@@ -7,7 +7,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from qaas.shapes import LABELS
+from qaas.contract.shapes import LABELS
 from workers.engine.bench import benchmark
 from workers.engine.data import inspect_dataset
 from workers.engine.errors import EngineError

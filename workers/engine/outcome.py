@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -124,7 +123,7 @@ def _manifest(job: Job, cand: Candidate) -> dict[str, Any]:
         "engine": cand.engine,
         "artifact": cand.artifact,
         "format": job.format,
-        "config": json.loads(json.dumps(dataclasses.asdict(config), default=list)),
+        "config": config.model_dump(mode="json"),
         "seed": config.seed,
         "calibration_samples": job.calibration_samples,
         "torch": torch.__version__,

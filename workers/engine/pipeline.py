@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qaas.support import CONCRETE_BACKENDS, SUPPORT, backends_for, option_refusal, refusal
+from qaas.contract.support import CONCRETE_BACKENDS, SUPPORT, backends_for, option_refusal, refusal
 from workers.engine.archive import detect_model_format
 from workers.engine.cpu import supported_backends
 from workers.engine.data import check_dataset_matches, inspect_dataset, load_dataset

@@ -30,9 +30,9 @@ from torch.ao.quantization.fake_quantize import (
     default_fused_wt_fake_quant,
 )
 
-from qaas.shapes import LABELS
+from qaas.contract.jobs import QATConfig
+from qaas.contract.shapes import LABELS
 from workers.engine import backends
-from workers.engine.config import QATConfig
 from workers.engine.errors import EngineError
 from workers.engine.layers import ModuleProbe, unavailable
 from workers.engine.pipeline import Int8Model, Job, check_request, count_layers, quiet, start_job
@@ -166,30 +166,30 @@ def _train(job: Job, config: QATConfig, model: Any, modes: Modes = FX_MODES) -> 
     """Fine-tune the fake-quantized model; freeze observers and batch-norm statistics part of the way."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = (
-        torch.optim.SGD(params, lr=config.learning_rate, momentum=0.9)
-        if config.optimizer == "sgd"
-        else torch.optim.Adam(params, lr=config.learning_rate)
+        torch.optim.SGD(params, lr=config.qat.learning_rate, momentum=0.9)
+        if config.qat.optimizer == "sgd"
+        else torch.optim.Adam(params, lr=config.qat.learning_rate)
     )
-    options = {"batch_size": config.train_batch_size, "limit": MAX_TRAIN_SAMPLES, "labels": True}
+    options = {"batch_size": config.qat.batch_size, "limit": MAX_TRAIN_SAMPLES, "labels": True}
     batches = job.batches("train", seed=config.seed, **options)
-    total = config.epochs * len(batches)
-    freeze_at = math.floor(config.freeze_observers_after * total)
+    total = config.qat.epochs * len(batches)
+    freeze_at = math.floor(config.qat.freeze_observers_after * total)
     step = 0
     modes.train(model)
-    for epoch in range(config.epochs):
+    for epoch in range(config.qat.epochs):
         if epoch:  # a new order each epoch, the same on every run
             batches = job.batches("train", seed=config.seed + epoch, **options)
         for batch in batches:
             if step == freeze_at:
                 modes.freeze(model)
             labels = batch.pop(LABELS)
-            loss = _loss(config.loss, model(*batch.values()), labels)
+            loss = _loss(config.qat.loss, model(*batch.values()), labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             step += 1
             message = (
-                f"epoch {epoch + 1}/{config.epochs}, step {step}/{total}, loss {float(loss.detach()):.4g}"
+                f"epoch {epoch + 1}/{config.qat.epochs}, step {step}/{total}, loss {float(loss.detach()):.4g}"
             )
             job.report("training", 10.0 + 25.0 * step / total, message)
     modes.eval(model)

@@ -23,8 +23,8 @@ from torch.ao.quantization import (
     default_weight_observer,
 )
 
+from qaas.contract.jobs import StaticConfig
 from workers.engine import backends
-from workers.engine.config import StaticConfig
 from workers.engine.errors import EngineError
 from workers.engine.io import LoadedModel
 from workers.engine.layers import (

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qaas.shapes import LABELS, resolve_tensor_name
+from qaas.contract.shapes import LABELS, resolve_tensor_name
 from workers.engine.errors import EngineError
 from workers.engine.io import InputSpec
 

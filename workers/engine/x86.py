@@ -26,7 +26,7 @@ import torch
 import torch.fx.experimental._config
 from torch import nn
 
-from qaas.support import X86_PER_TENSOR
+from qaas.contract.support import X86_PER_TENSOR
 from workers.engine.cpu import cpu_info
 from workers.engine.errors import EngineError
 from workers.engine.result import atomic_write

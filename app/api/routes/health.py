@@ -12,7 +12,7 @@ from app.core import queue
 from app.core.config import Settings
 from app.schemas.common import GUARDED, Readiness, WorkerOut, error_responses
 from app.services import quotas, reaper
-from qaas.support import SUPPORT
+from qaas.contract.support import SUPPORT
 
 router = APIRouter(route_class=ReleasingRoute, tags=["service"], responses=error_responses())
 
