@@ -113,3 +113,13 @@ def test_the_api_schema_is_the_contract() -> None:
     assert options["seed"]["maximum"] == 2**31 - 1
     assert schema["$defs"]["BenchmarkOptions"]["properties"]["batch_sizes"]["default"] == [1, 8]
     assert JobCreate.model_fields["options"].annotation is JobOptions
+
+
+def test_openapi_shows_the_typed_metrics() -> None:
+    from app.main import create_app
+
+    schemas = create_app().openapi()["components"]["schemas"]
+    metrics = schemas["JobOut"]["properties"]["metrics"]
+    assert {"$ref": "#/components/schemas/JobMetrics"} in metrics["anyOf"]
+    assert {"size", "latency", "fidelity"} <= set(schemas["JobMetrics"]["required"])
+    assert schemas["LatencyRow"]["properties"]["speedup"]["description"].startswith("fp32 p50 / int8 p50")

@@ -28,6 +28,7 @@ from app.services import jobs as job_service
 from app.services import models as model_service
 from app.services import stored as stored_service
 from qaas.contract.jobs import BenchmarkOptions, JobOptions, RunnerSpec, explain
+from qaas.contract.metrics import JobMetrics
 from qaas.contract.vocab import TERMINAL, Backend, DataRole, Mode
 from workers import upkeep
 from workers.sandbox import RunnerLimits
@@ -302,14 +303,20 @@ def _record_outcome(claimed: _Claimed, outcome: RunnerOutcome, limits: RunnerLim
     if outcome.lock_notes:
         metrics["warnings"] = [*metrics.get("warnings", []), *outcome.lock_notes]
     try:
+        JobMetrics.model_validate(metrics)  # the runner is not trusted to write the document's shape
         # run_runner returned: every process of the runner is gone, nothing changes in `out` any more.
         stored = _store_artifacts(
             job_id, claimed.attempt, out_fd, outcome.result, metrics, limits.file_size_mb
         )
-    except RunnerOutputRefused as exc:
+    except (RunnerOutputRefused, ValidationError) as exc:
+        why = (
+            f"its metrics do not follow the contract: {explain(exc)}"
+            if isinstance(exc, ValidationError)
+            else exc
+        )
         with session_scope() as session:
-            job_service.fail_job(session, job_id, worker_id, "invalid_runner_output", str(exc), runner=runner)
-        log.warning("job %s failed: the runner's output was refused: %s", job_id, exc)
+            job_service.fail_job(session, job_id, worker_id, "invalid_runner_output", str(why), runner=runner)
+        log.warning("job %s failed: the runner's output was refused: %s", job_id, why)
         return
     _succeed(claimed, outcome.result, metrics, stored, runner)
 

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.schemas.common import ObjectError
 from qaas.contract.jobs import BackendOption, BenchmarkOptions, JobOptions
+from qaas.contract.metrics import JobMetrics
 from qaas.contract.vocab import Backend, JobStatus, Mode
 
 
@@ -115,7 +116,7 @@ class JobOut(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     error: ObjectError | None = None
-    metrics: dict[str, Any] | None = None
+    metrics: JobMetrics | None = None
     artifacts: list[ArtifactOut] = Field(default_factory=list)
     load_snippet: str | None = None
     runner: dict[str, Any] | None = None
