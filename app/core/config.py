@@ -166,14 +166,6 @@ class Settings(BaseSettings):
         return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
 
     @property
-    def uploads_dir(self) -> Path:
-        return self.data_dir / "uploads"
-
-    @property
-    def artifacts_dir(self) -> Path:
-        return self.data_dir / "artifacts"
-
-    @property
     def work_dir(self) -> Path:
         return self.data_dir / "work"
 
