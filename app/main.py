@@ -17,33 +17,36 @@ from app.api.guard import GuardMiddleware
 from app.api.routes import datasets, health, jobs, metrics, models, reports
 from app.api.timeouts import ReadTimeoutMiddleware
 from app.core import errors
+from qaas.contract.errors import ErrorCode, http_status
 
 log = logging.getLogger("qaas.api")
 
-# The one table from domain errors to HTTP statuses.
-STATUS = {
-    errors.InvalidRequest: 422,
-    errors.BadRequest: 400,
-    errors.NotFound: 404,
-    errors.Conflict: 409,
-    errors.PayloadTooLarge: 413,
-    errors.UnsupportedMediaType: 415,
-    errors.RangeNotSatisfiable: 416,
-    errors.Unauthorized: 401,
-    errors.Gone: 410,
-    errors.TooManyRequests: 429,
-    errors.ServiceUnavailable: 503,
-}
+
+# The one table from domain errors to HTTP statuses, each class's the status of its code in the catalogue
+# (docs/errors.md). Subclasses come before their bases: the first class an error is an instance of decides.
+def _most_specific_first(cls: type[errors.QaasError]) -> list[type[errors.QaasError]]:
+    return [*(found for sub in cls.__subclasses__() for found in _most_specific_first(sub)), cls]
+
+
+STATUS = {cls: http_status(cls.code) for cls in _most_specific_first(errors.QaasError)}
+# Starlette's own HTTP errors (no route, wrong method, an unreadable or too large body, a bad Range).
 _HTTP_CODES = {
-    404: "not_found",
-    405: "method_not_allowed",
-    400: "bad_request",
-    413: "body_too_large",
-    416: "range_not_satisfiable",
+    http_status(code): code
+    for code in (
+        ErrorCode.NOT_FOUND,
+        ErrorCode.METHOD_NOT_ALLOWED,
+        ErrorCode.BAD_REQUEST,
+        ErrorCode.BODY_TOO_LARGE,
+        ErrorCode.RANGE_NOT_SATISFIABLE,
+    )
 }
 
 
-def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    code: str, detail: str, headers: dict[str, str] | None = None, *, status: int | None = None
+) -> JSONResponse:
+    """The one error body, sent with the code's status in the catalogue unless `status` is given."""
+    status = http_status(code) if status is None else status
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
@@ -81,12 +84,12 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(errors.QaasError)
     async def _qaas_error(_request: Request, exc: errors.QaasError) -> JSONResponse:
-        status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 400)
-        return _error(status, exc.code, exc.detail, exc.headers)
+        status = next(status for cls, status in STATUS.items() if isinstance(exc, cls))
+        return _error(exc.code, exc.detail, exc.headers, status=status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, "validation_error", _validation_detail(exc))
+        return _error(ErrorCode.VALIDATION_ERROR, _validation_detail(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -95,13 +98,15 @@ def create_app() -> FastAPI:
         if exc.status_code == 405:
             # Starlette names only the first matching route's methods; FastAPI has one route per method.
             headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
-        return _error(exc.status_code, code, str(exc.detail), headers)
+        return _error(code, str(exc.detail), headers, status=exc.status_code)
 
     @app.exception_handler(PoolTimeoutError)
     async def _pool_exhausted(_request: Request, exc: PoolTimeoutError) -> JSONResponse:
         log.warning("no database connection free: %s", exc)
         return _error(
-            503, "dependency_unavailable", "the database is overloaded: retry shortly", {"Retry-After": "5"}
+            ErrorCode.DEPENDENCY_UNAVAILABLE,
+            "the database is overloaded: retry shortly",
+            {"Retry-After": "5"},
         )
 
     @app.exception_handler(OperationalError)
@@ -109,16 +114,18 @@ def create_app() -> FastAPI:
     async def _database_error(_request: Request, exc: DBAPIError) -> JSONResponse:
         if not exc.connection_invalidated and not isinstance(exc, OperationalError):
             log.exception("database error")
-            return _error(500, "internal_error", "an unexpected database error happened; it was logged")
+            return _error(ErrorCode.INTERNAL_ERROR, "an unexpected database error happened; it was logged")
         log.warning("database unavailable: %s", exc.orig)
         return _error(
-            503, "dependency_unavailable", "the database is unreachable: retry shortly", {"Retry-After": "5"}
+            ErrorCode.DEPENDENCY_UNAVAILABLE,
+            "the database is unreachable: retry shortly",
+            {"Retry-After": "5"},
         )
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _error(500, "internal_error", "an unexpected error happened; it was logged")
+        return _error(ErrorCode.INTERNAL_ERROR, "an unexpected error happened; it was logged")
 
     for router in (models.router, datasets.router, jobs.router, reports.router, health.router):
         app.include_router(router)

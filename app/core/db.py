@@ -1,4 +1,20 @@
-"""Database engine and sessions. Built on first use from Settings, never at import time."""
+"""Database engine and sessions. Built on first use from Settings, never at import time.
+
+Transactions: one per use case, committed in one place.
+
+- A route never commits nor rolls back. The service function it calls for a change (`create_job`,
+  `cancel_job`, `delete_model`, `delete_dataset`, `stored.save_upload`) is the use case: it ends with the
+  one `session.commit()`; an error before that leaves nothing committed (the request's session is closed, which
+  rolls back). The helpers a use case calls only `flush()`.
+- Workers, the reaper, the gate's key check and the commands open `session_scope()`: the block is the use
+  case, committed when it ends, rolled back on an error; the service functions called inside only flush.
+- What must wait for the data (enqueueing a job or an inspection, deleting stored files) is registered with
+  `after_commit`: it runs once the transaction commits, and a rollback drops it.
+
+Where the commit falls matters: a job's row is committed before its id is queued (a worker reads the row);
+an upload's row only after its file is stored and the quotas were checked again under the tenant's lock (a
+refusal or a failing commit deletes the file, so no row names a missing file).
+"""
 
 from __future__ import annotations
 

@@ -1,12 +1,16 @@
-"""One exception hierarchy with stable codes; the HTTP status is mapped in one table, in app.main."""
+"""One exception hierarchy with stable codes; the HTTP status is mapped in one table, in app.main, from each
+class's code in the catalogue (qaas.contract.errors, docs/errors.md)."""
 
 from __future__ import annotations
 
+from qaas.contract.errors import ErrorCode
+
 
 class QaasError(Exception):
-    """A problem the caller can act on. `code` is stable snake_case; `detail` says what to fix."""
+    """A problem the caller can act on. `code` is stable snake_case, a code of the catalogue (a raised one
+    overrides the class's own); `detail` says what to fix. Raised as such, it answers 400 bad_request."""
 
-    code = "error"
+    code: str = ErrorCode.BAD_REQUEST
 
     def __init__(self, detail: str, *, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(detail)
@@ -17,51 +21,52 @@ class QaasError(Exception):
 
 
 class BadRequest(QaasError):
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class NotFound(QaasError):
-    code = "not_found"
+    code = ErrorCode.NOT_FOUND
 
 
 class Conflict(QaasError):
-    code = "conflict"
+    code = ErrorCode.CONFLICT
 
 
 class InvalidRequest(QaasError):
-    code = "invalid_request"
+    code = ErrorCode.INVALID_REQUEST
 
 
 class PayloadTooLarge(QaasError):
-    code = "payload_too_large"
+    code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
 class UnsupportedMediaType(QaasError):
-    code = "unsupported_media_type"
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
 
 
 class Unauthorized(QaasError):
-    code = "unauthenticated"
+    code = ErrorCode.UNAUTHENTICATED
 
 
 class TooManyRequests(QaasError):
-    code = "too_many_requests"
+    code = ErrorCode.TOO_MANY_REQUESTS
 
 
 class Gone(QaasError):
-    code = "gone"
+    code = ErrorCode.GONE
 
 
 class RangeNotSatisfiable(QaasError):
-    code = "range_not_satisfiable"
+    code = ErrorCode.RANGE_NOT_SATISFIABLE
 
 
 class ServiceUnavailable(QaasError):
-    code = "dependency_unavailable"
+    code = ErrorCode.DEPENDENCY_UNAVAILABLE
 
 
 def not_found(kind: str, object_id: str) -> NotFound:
+    """404 `{kind}_not_found` (job, model, dataset). Raises ValueError for a kind with no such code."""
     return NotFound(
         f"no {kind} with id '{object_id}': check the id (list them with GET /v1/{kind}s)",
-        code=f"{kind}_not_found",
+        code=ErrorCode(f"{kind}_not_found"),
     )

@@ -19,7 +19,7 @@ RUN_JOB = "qaas.run_job"
 
 def _use_fast_sqlite_polling(interval_s: float) -> None:
     # kombu's SQLAlchemy transport polls once a second, and broker_transport_options go to create_engine (a
-    # worker crash), so the class attribute is the only knob (ENGINE_NOTES.md, "Embedded broker").
+    # worker crash), so the class attribute is the only knob (docs/engine-notes.md#the-embedded-broker).
     from kombu.transport import sqlalchemy as sqla_transport
 
     sqla_transport.Transport.polling_interval = interval_s

@@ -5,6 +5,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from qaas.contract.errors import JOB_CODES, api_codes
+
 T = TypeVar("T")
 
 
@@ -14,7 +16,12 @@ class ErrorBody(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={"example": {"error": "model_not_found", "detail": "no model with id 'mdl_x': …"}}
     )
-    error: str = Field(description="Stable snake_case code, safe to branch on.")
+    # A description, not an enum: a client generated from the schema must still read a code added later.
+    error: str = Field(
+        description="Stable snake_case code, safe to branch on; each is explained in docs/errors.md. One of: "
+        + ", ".join(f"`{code}`" for code in api_codes())
+        + "; `http_<status>` for an HTTP error without a code of its own."
+    )
     detail: str = Field(description="What happened and what to do about it.")
 
 
@@ -26,8 +33,14 @@ class Page(BaseModel, Generic[T]):
 
 
 class ObjectError(BaseModel):
-    code: str
-    message: str
+    """Why a job or an upload failed (its status says so)."""
+
+    code: str = Field(
+        description="Stable snake_case code, safe to branch on; each is explained in docs/errors.md. One of: "
+        + ", ".join(f"`{code}`" for code in sorted(JOB_CODES))
+        + "."
+    )
+    message: str = Field(description="What happened and what to do about it.")
 
 
 class WorkerOut(BaseModel):

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.schemas.common import ObjectError
+from qaas.contract.vocab import UploadStatus
 
 
 class TensorSpec(BaseModel):
@@ -36,7 +37,7 @@ class DatasetOut(BaseModel):
     format: str | None = None
     size_bytes: int
     sha256: str
-    status: Literal["inspecting", "ready", "invalid", "expired"]
+    status: UploadStatus
     num_samples: int | None = None
     tensors: dict[str, TensorSpec] | None = None
     has_labels: bool | None = Field(None, description="True when the file holds a `labels` array.")

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.schemas.common import ObjectError
+from qaas.contract.vocab import UploadStatus
 
 
 class InputSpec(BaseModel):
@@ -49,7 +50,7 @@ class ModelOut(BaseModel):
     format: str | None = Field(None, description="pt2 or torchscript, detected from the content.")
     size_bytes: int
     sha256: str
-    status: Literal["inspecting", "ready", "invalid", "expired"]
+    status: UploadStatus
     input_shapes: dict[str, Any] | None = None
     inspection: Inspection | None = None
     error: ObjectError | None = None

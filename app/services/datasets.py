@@ -14,8 +14,8 @@ from app.core.errors import Conflict, InvalidRequest
 from app.core.storage import Storage
 from app.models import Dataset, Job
 from app.services import stored
-from app.services.models import ACTIVE_JOB_STATUSES
 from app.services.uploads import ReceivedUpload
+from qaas.contract.vocab import ACTIVE, DataRole, UploadStatus
 
 _DATASET_COLUMNS = (Job.calibration_dataset_id, Job.train_dataset_id, Job.eval_dataset_id)
 
@@ -60,6 +60,28 @@ def get_dataset(session: Session, dataset_id: str, *, tenant_id: str) -> Dataset
     return stored.get_stored(session, Dataset, dataset_id, tenant_id=tenant_id)
 
 
+def ready_dataset(session: Session, dataset_id: str, role: DataRole, *, tenant_id: str) -> Dataset:
+    """The caller's dataset for a job's `role`: refused (409) unless its inspection found it ready."""
+    dataset = get_dataset(session, dataset_id, tenant_id=tenant_id)
+    if dataset.status == UploadStatus.INSPECTING:
+        raise Conflict(
+            f"the {role} dataset {dataset_id} is still being inspected: poll GET /v1/datasets/{dataset_id} "
+            "until it is ready",
+            code="dataset_not_ready",
+        )
+    if dataset.status == UploadStatus.EXPIRED:
+        raise Conflict(
+            f"the {role} dataset {dataset_id} was deleted by the retention policy: upload it again",
+            code="dataset_expired",
+        )
+    if dataset.status == UploadStatus.INVALID:
+        raise Conflict(
+            f"the {role} dataset {dataset_id} is invalid ({dataset.error_message}): upload a corrected file",
+            code="dataset_not_ready",
+        )
+    return dataset
+
+
 def list_datasets(
     session: Session, *, tenant_id: str, limit: int, cursor: str | None, status: str | None
 ) -> tuple[list[Dataset], str | None]:
@@ -69,10 +91,11 @@ def list_datasets(
 
 
 def delete_dataset(session: Session, storage: Storage, dataset_id: str, *, tenant_id: str) -> None:
-    """Delete the dataset; finished jobs keep their results and lose the reference. Refused while in use."""
+    """Delete the dataset and commit (its file goes after the commit); finished jobs keep their results and
+    lose the reference. Refused while in use."""
     dataset = get_dataset(session, dataset_id, tenant_id=tenant_id)
     uses = or_(*(column == dataset_id for column in _DATASET_COLUMNS))
-    active = session.scalar(select(Job.id).where(uses, Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1))
+    active = session.scalar(select(Job.id).where(uses, Job.status.in_(ACTIVE)).limit(1))
     if active is not None:
         raise Conflict(
             f"dataset {dataset_id} is used by a job in progress ({active}): cancel it or wait, then delete",
@@ -83,6 +106,7 @@ def delete_dataset(session: Session, storage: Storage, dataset_id: str, *, tenan
     key = dataset.storage_key
     session.delete(dataset)
     after_commit(session, lambda: storage.delete(key))
+    session.commit()
 
 
 def record_inspection(

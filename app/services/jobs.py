@@ -1,5 +1,8 @@
 """Job use cases: create (validated from the database), read, list, cancel; and the worker's side:
-claim with a conditional update and a lease, progress, finish, fail."""
+claim with a conditional update and a lease, progress, finish, fail.
+
+`create_job` and `cancel_job` are whole requests and commit; the worker's side only flushes, inside the
+task's `session_scope()` (app.core.db says why)."""
 
 from __future__ import annotations
 
@@ -18,42 +21,20 @@ from app.core.config import Settings
 from app.core.db import after_commit
 from app.core.errors import Conflict, Gone, InvalidRequest, NotFound, not_found
 from app.core.ids import new_id
-from app.models import Artifact, Dataset, Job, JobMetrics
+from app.models import Artifact, Dataset, Job, JobMetrics, Model
 from app.models.common import UTCDateTime, utcnow
 from app.schemas.jobs import JobCreate
 from app.services import quotas
-from app.services.datasets import get_dataset
-from app.services.models import get_model
+from app.services.datasets import ready_dataset
+from app.services.models import ready_model
 from app.services.pagination import paginate
-from qaas.shapes import check_shapes_match
-from qaas.support import refusal
-
-TERMINAL = ("succeeded", "failed", "cancelled")
+from qaas.contract.shapes import check_shapes_match
+from qaas.contract.support import refusal
+from qaas.contract.vocab import ACTIVE, DataRole, JobStatus, Mode
 
 
 def _request_digest(request: JobCreate) -> str:
     return hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-
-
-def _ready_dataset(session: Session, dataset_id: str, role: str, tenant_id: str) -> Dataset:
-    dataset = get_dataset(session, dataset_id, tenant_id=tenant_id)
-    if dataset.status == "inspecting":
-        raise Conflict(
-            f"the {role} dataset {dataset_id} is still being inspected: poll GET /v1/datasets/{dataset_id} "
-            "until it is ready",
-            code="dataset_not_ready",
-        )
-    if dataset.status == "expired":
-        raise Conflict(
-            f"the {role} dataset {dataset_id} was deleted by the retention policy: upload it again",
-            code="dataset_expired",
-        )
-    if dataset.status == "invalid":
-        raise Conflict(
-            f"the {role} dataset {dataset_id} is invalid ({dataset.error_message}): upload a corrected file",
-            code="dataset_not_ready",
-        )
-    return dataset
 
 
 def _same_key(tenant_id: str, idempotency_key: str | None) -> Select[Any]:
@@ -68,96 +49,124 @@ def create_job(
     *,
     tenant_id: str,
 ) -> tuple[Job, bool]:
-    """Validate against the stored model and datasets, check the tenant's quotas, insert the job, enqueue
-    its id after commit.
+    """Validate against the stored model and datasets, check the tenant's quotas, insert the job and commit;
+    its id is enqueued after the commit.
 
     Returns (job, created); a repeated Idempotency-Key with the same body returns the first job.
     """
     digest = _request_digest(request)
     if idempotency_key is not None:
-        existing = session.scalar(_same_key(tenant_id, idempotency_key))
-        if existing is not None:
-            if existing.request_sha256 != digest:
-                raise Conflict(
-                    "this Idempotency-Key was already used with a different request body: use a new key",
-                    code="idempotency_key_reused",
-                )
-            return existing, False
+        earlier = _earlier_job(session, tenant_id, idempotency_key, digest)
+        if earlier is not None:
+            return earlier, False
+    model = ready_model(session, request.model_id, tenant_id=tenant_id)
+    _check_request(model, request)
+    for role, dataset_id in _datasets_of(request):
+        _check_dataset(model, ready_dataset(session, dataset_id, role, tenant_id=tenant_id), role)
+    quotas.check_active_jobs(session, settings, tenant_id)
+    quotas.check_storage(session, settings, tenant_id)
+    job = _new_job(settings, request, model, tenant_id, idempotency_key, digest)
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:
+        # Two requests with the same Idempotency-Key raced; the loser answers like a repeat.
+        session.rollback()
+        earlier = session.scalar(_same_key(tenant_id, idempotency_key))
+        if earlier is None or earlier.request_sha256 != digest:
+            raise
+        return earlier, False
+    job_id = job.id
+    after_commit(session, lambda: queue.enqueue(queue.RUN_JOB, job_id))
+    session.commit()
+    return job, True
 
-    model = get_model(session, request.model_id, tenant_id=tenant_id)
-    if model.status == "expired":
-        raise Conflict(
-            f"model {model.id} was deleted by the retention policy: upload it again", code="model_expired"
-        )
-    if model.status == "inspecting":
-        raise Conflict(
-            f"model {model.id} is still being inspected: poll GET /v1/models/{model.id} until its status is ready",
-            code="model_not_ready",
-        )
-    if model.status == "invalid":
-        raise Conflict(
-            f"model {model.id} is invalid ({model.error_message}): upload a corrected model",
-            code="model_not_ready",
-        )
-    assert model.format is not None and model.inspection is not None
 
+def _earlier_job(session: Session, tenant_id: str, idempotency_key: str, digest: str) -> Job | None:
+    """The job a request with this Idempotency-Key created, if any; refused when that request differed."""
+    earlier = session.scalar(_same_key(tenant_id, idempotency_key))
+    if earlier is not None and earlier.request_sha256 != digest:
+        raise Conflict(
+            "this Idempotency-Key was already used with a different request body: use a new key",
+            code="idempotency_key_reused",
+        )
+    return earlier
+
+
+def _check_request(model: Model, request: JobCreate) -> None:
+    """The engine serves this format, mode, backend and options, and the mode has the dataset it needs."""
+    assert model.format is not None
     reason = refusal(
         model.format,
         request.mode,
         request.backend,
-        weight_granularity=request.options.weight_granularity if request.mode != "dynamic" else None,
-        quantize_embeddings=request.options.quantize_embeddings if request.mode == "dynamic" else None,
+        weight_granularity=request.options.weight_granularity if request.mode != Mode.DYNAMIC else None,
+        quantize_embeddings=request.options.quantize_embeddings if request.mode == Mode.DYNAMIC else None,
     )
     if reason:
         raise InvalidRequest(reason, code="unsupported_combination")
-    if request.mode == "static" and request.calibration_dataset_id is None:
+    if request.mode == Mode.STATIC and request.calibration_dataset_id is None:
         raise InvalidRequest(
             "static quantization needs calibration data: set calibration_dataset_id", code="dataset_required"
         )
-    if request.mode == "qat" and request.train_dataset_id is None:
+    if request.mode == Mode.QAT and request.train_dataset_id is None:
         raise InvalidRequest(
             "quantization-aware training needs training data: set train_dataset_id", code="dataset_required"
         )
 
-    roles = {
-        "calibration": request.calibration_dataset_id,
-        "train": request.train_dataset_id,
-        "eval": request.eval_dataset_id,
-    }
-    for role, dataset_id in roles.items():
-        if dataset_id is None:
-            continue
-        dataset = _ready_dataset(session, dataset_id, role, tenant_id)
-        if dataset.format == "jsonl":
-            # Text is tokenized at job time by the model's own tokenizer: only a Hugging Face upload has one.
-            if not (model.inspection.get("hf") or {}).get("tokenizer"):
-                raise InvalidRequest(
-                    f"the {role} dataset {dataset_id} is JSONL text, which needs a Hugging Face model uploaded "
-                    "with its tokenizer files: upload arrays (.npz) named after the model's inputs instead",
-                    code="dataset_mismatch",
-                )
-        else:
-            mismatch = check_shapes_match(model.inspection["inputs"], dataset.tensors or {}, role=role)
-            if mismatch:
-                raise InvalidRequest(mismatch, code="dataset_mismatch")
-        if role == "train" and not dataset.has_labels:
-            raise InvalidRequest(
-                f"the training dataset {dataset_id} has no 'labels' array: QAT needs labels",
-                code="labels_required",
-            )
 
-    quotas.check_active_jobs(session, settings, tenant_id)
-    quotas.check_storage(session, settings, tenant_id)
+def _datasets_of(request: JobCreate) -> list[tuple[DataRole, str]]:
+    """The datasets the request names, by role, in the order they are checked."""
+    named = (
+        (DataRole.CALIBRATION, request.calibration_dataset_id),
+        (DataRole.TRAIN, request.train_dataset_id),
+        (DataRole.EVAL, request.eval_dataset_id),
+    )
+    return [(role, dataset_id) for role, dataset_id in named if dataset_id is not None]
+
+
+def _check_dataset(model: Model, dataset: Dataset, role: DataRole) -> None:
+    """The dataset feeds the model: text for a model with a tokenizer, else arrays of its inputs' shapes; and
+    labels for training."""
+    assert model.inspection is not None
+    if dataset.format == "jsonl":
+        # Text is tokenized at job time by the model's own tokenizer: only a Hugging Face upload has one.
+        if not (model.inspection.get("hf") or {}).get("tokenizer"):
+            raise InvalidRequest(
+                f"the {role} dataset {dataset.id} is JSONL text, which needs a Hugging Face model uploaded "
+                "with its tokenizer files: upload arrays (.npz) named after the model's inputs instead",
+                code="dataset_mismatch",
+            )
+    else:
+        mismatch = check_shapes_match(model.inspection["inputs"], dataset.tensors or {}, role=role)
+        if mismatch:
+            raise InvalidRequest(mismatch, code="dataset_mismatch")
+    if role == DataRole.TRAIN and not dataset.has_labels:
+        raise InvalidRequest(
+            f"the training dataset {dataset.id} has no 'labels' array: QAT needs labels",
+            code="labels_required",
+        )
+
+
+def _new_job(
+    settings: Settings,
+    request: JobCreate,
+    model: Model,
+    tenant_id: str,
+    idempotency_key: str | None,
+    digest: str,
+) -> Job:
+    """The job row, queued: its config is the request as sent, with the timeout the settings allow."""
     timeout_s = min(request.timeout_s or settings.job_timeout_s, settings.job_timeout_s)
     config = request.model_dump(mode="json", exclude={"model_id"}) | {"timeout_s": timeout_s}
-    job = Job(
+    return Job(
         id=new_id("job"),
         tenant_id=tenant_id,
         model_id=model.id,
         calibration_dataset_id=request.calibration_dataset_id,
         train_dataset_id=request.train_dataset_id,
         eval_dataset_id=request.eval_dataset_id,
-        status="queued",
+        status=JobStatus.QUEUED,
         mode=request.mode,
         backend_requested=request.backend,
         config=config,
@@ -167,19 +176,6 @@ def create_job(
         attempts=0,
         message="waiting for a worker",
     )
-    session.add(job)
-    try:
-        session.flush()
-    except IntegrityError:
-        # Two requests with the same Idempotency-Key raced; the loser answers like a repeat.
-        session.rollback()
-        existing = session.scalar(_same_key(tenant_id, idempotency_key))
-        if existing is None or existing.request_sha256 != digest:
-            raise
-        return existing, False
-    job_id = job.id
-    after_commit(session, lambda: queue.enqueue(queue.RUN_JOB, job_id))
-    return job, True
 
 
 def get_job(session: Session, job_id: str, *, tenant_id: str) -> Job:
@@ -245,15 +241,15 @@ def cancel_job(session: Session, job_id: str, *, tenant_id: str) -> Job:
 
     One conditional UPDATE, so that a job finishing meanwhile is never flagged after the fact: a read then a
     write could answer 202 for a job that succeeded between the two on SQLite, where FOR UPDATE locks nothing.
-    A 202 is a promise that `succeed_job` keeps: a flagged job ends cancelled."""
+    A 202 is a promise that `succeed_job` keeps: a flagged job ends cancelled. Commits."""
     now = utcnow()
-    queued = Job.status == "queued"
+    queued = Job.status == JobStatus.QUEUED
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status.in_(("queued", "running")))
+        .where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status.in_(ACTIVE))
         .values(
             cancel_requested_at=func.coalesce(Job.cancel_requested_at, literal(now, UTCDateTime())),
-            status=case((queued, "cancelled"), else_=Job.status),
+            status=case((queued, JobStatus.CANCELLED), else_=Job.status),
             finished_at=case((queued, literal(now, UTCDateTime())), else_=Job.finished_at),
             message=case((queued, "cancelled before it started"), else_="cancelling"),
         )
@@ -265,6 +261,7 @@ def cancel_job(session: Session, job_id: str, *, tenant_id: str) -> Job:
         raise Conflict(
             f"job {job_id} has already finished ({job.status}): nothing to cancel", code="job_finished"
         )
+    session.commit()
     return job
 
 
@@ -276,9 +273,9 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_s: float) -> 
     now = utcnow()
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
         .values(
-            status="running",
+            status=JobStatus.RUNNING,
             attempts=Job.attempts + 1,
             worker_id=worker_id,
             started_at=now,
@@ -312,7 +309,7 @@ def record_progress(
         values["message"] = message[:2000]
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
         .values(values)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -327,7 +324,7 @@ def _finish(session: Session, job_id: str, worker_id: str, *conditions: Any, **v
     values["lease_expires_at"] = None
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running", *conditions)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING, *conditions)
         .values(values)
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
@@ -344,7 +341,13 @@ def fail_job(
 ) -> bool:
     extra = {"runner": runner} if runner is not None else {}
     return _finish(
-        session, job_id, worker_id, status="failed", error_code=code, error_message=message[:4000], **extra
+        session,
+        job_id,
+        worker_id,
+        status=JobStatus.FAILED,
+        error_code=code,
+        error_message=message[:4000],
+        **extra,
     )
 
 
@@ -352,7 +355,9 @@ def mark_cancelled(
     session: Session, job_id: str, worker_id: str, *, runner: dict[str, Any] | None = None
 ) -> bool:
     extra = {"runner": runner} if runner is not None else {}
-    return _finish(session, job_id, worker_id, status="cancelled", message="cancelled while running", **extra)
+    return _finish(
+        session, job_id, worker_id, status=JobStatus.CANCELLED, message="cancelled while running", **extra
+    )
 
 
 def hand_back(session: Session, job_id: str, worker_id: str, reason: str) -> bool:
@@ -361,9 +366,9 @@ def hand_back(session: Session, job_id: str, worker_id: str, reason: str) -> boo
     Its attempt still counts (attempts counts claims). False when the job is no longer this worker's."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
         .values(
-            status="queued",
+            status=JobStatus.QUEUED,
             worker_id=None,
             lease_expires_at=None,
             stage=None,
@@ -409,7 +414,7 @@ def succeed_job(
         job_id,
         worker_id,
         Job.cancel_requested_at.is_(None),
-        status="succeeded",
+        status=JobStatus.SUCCEEDED,
         backend_chosen=backend,
         stage="saving",
         percent=100.0,
@@ -424,38 +429,41 @@ def succeed_job(
             job_id,
             worker_id,
             Job.cancel_requested_at.is_not(None),
-            status="cancelled",
+            status=JobStatus.CANCELLED,
             message="cancelled while its results were being saved: they were dropped",
             runner=runner,
         )
         return False
-    for artifact in artifacts:
-        session.add(
-            Artifact(
-                id=new_id("art"),
-                job_id=job_id,
-                name=artifact.name,
-                format=artifact.format,
-                size_bytes=artifact.size_bytes,
-                sha256=artifact.sha256,
-                storage_key=artifact.storage_key,
-            )
+    session.add_all(
+        Artifact(
+            id=new_id("art"),
+            job_id=job_id,
+            name=artifact.name,
+            format=artifact.format,
+            size_bytes=artifact.size_bytes,
+            sha256=artifact.sha256,
+            storage_key=artifact.storage_key,
         )
+        for artifact in artifacts
+    )
+    session.add(_metrics_row(job_id, metrics))
+    return True
+
+
+def _metrics_row(job_id: str, metrics: dict[str, Any]) -> JobMetrics:
+    """The metrics document, with its headline numbers as columns to compare jobs in SQL."""
     size = metrics.get("size") or {}
     fidelity = metrics.get("fidelity") or {}
     latency = metrics.get("latency") or []
     first = next((row for row in latency if row.get("batch_size") == 1), latency[0] if latency else {})
-    session.add(
-        JobMetrics(
-            job_id=job_id,
-            fp32_bytes=size.get("fp32_bytes"),
-            int8_bytes=size.get("int8_bytes"),
-            size_ratio=size.get("ratio"),
-            speedup=first.get("speedup"),
-            sqnr_db=fidelity.get("sqnr_db"),
-            cosine=fidelity.get("cosine"),
-            accuracy_delta=(metrics.get("accuracy") or {}).get("delta"),
-            data=metrics,
-        )
+    return JobMetrics(
+        job_id=job_id,
+        fp32_bytes=size.get("fp32_bytes"),
+        int8_bytes=size.get("int8_bytes"),
+        size_ratio=size.get("ratio"),
+        speedup=first.get("speedup"),
+        sqnr_db=fidelity.get("sqnr_db"),
+        cosine=fidelity.get("cosine"),
+        accuracy_delta=(metrics.get("accuracy") or {}).get("delta"),
+        data=metrics,
     )
-    return True

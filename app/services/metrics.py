@@ -10,7 +10,7 @@ old rows). No label carries a tenant, an object id or text a tenant wrote.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, get_args
+from typing import Any
 
 from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from sqlalchemy import ColumnElement, and_, case, extract, func, select, union_all
@@ -19,54 +19,21 @@ from sqlalchemy.orm import Session
 from app.core.ids import first_id_at
 from app.models import Job
 from app.models.common import utcnow
-from app.schemas.jobs import JobStatus, Mode
+from qaas.contract.errors import JOB_CODES
+from qaas.contract.vocab import ACTIVE as ACTIVE_STATUSES
+from qaas.contract.vocab import JobStatus, Mode
 
 WINDOW = timedelta(hours=24)
 SUBMITTED_WITHIN = timedelta(days=7)
-STATUSES: tuple[str, ...] = get_args(JobStatus)
-MODES: tuple[str, ...] = get_args(Mode)
-ACTIVE = ("queued", "running")
+STATUSES: tuple[str, ...] = tuple(JobStatus)
+MODES: tuple[str, ...] = tuple(Mode)
+ACTIVE = tuple(sorted(ACTIVE_STATUSES))
 # Seconds: jobs take from seconds to QAAS_JOB_TIMEOUT_S (at most a day).
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200, 86400)
-# A failed job's error_code comes from the runner, which runs the tenant's model: only the codes qaas itself
-# uses become a label (workers.supervise, workers.engine, qaas.archives, app.services.reaper, workers.tasks),
-# anything else is "other", so that a hostile model can neither add series nor write into the output.
-EXIT_REASONS = frozenset(
-    {
-        # the runner's limits and crashes, the reaper, the worker itself
-        "time_limit",
-        "memory_limit",
-        "file_size_limit",
-        "runner_crashed",
-        "worker_lost",
-        "internal_error",
-        # the engine (workers.engine.errors) and the upload checks it repeats (qaas.archives)
-        "not_a_model",
-        "pickle_not_allowed",
-        "native_code_not_allowed",
-        "unsupported_format",
-        "input_shapes_required",
-        "invalid_input_shapes",
-        "invalid_dataset",
-        "invalid_config",
-        "dataset_mismatch",
-        "dataset_required",
-        "labels_required",
-        "nothing_quantized",
-        "verification_failed",
-        "unsupported_combination",
-        "model_load_failed",
-        "invalid_safetensors",
-        "safetensors_header_too_large",
-        "zip_bomb",
-        "zip_corrupt",
-        "zip_encrypted",
-        "zip_link_entry",
-        "zip_too_large",
-        "zip_too_many_entries",
-        "zip_unsafe_path",
-    }
-)
+# A failed job's error_code comes from the runner, which runs the tenant's model: only qaas's own job codes (the
+# catalogue's, docs/errors.md) become a label, anything else is "other", so that a hostile model can neither
+# add series nor write into the output.
+EXIT_REASONS: frozenset[str] = frozenset(code.value for code in JOB_CODES)
 _WINDOW_TEXT = f"finished in the last {WINDOW.total_seconds() / 3600:g} h (submitted within {SUBMITTED_WITHIN.days} days)"
 
 
@@ -113,7 +80,7 @@ def _jobs(session: Session, now: datetime) -> list[Metric]:
     )
     for (status, mode), count in sorted(counts.items()):
         jobs.add_metric([status, mode], count)
-    depth = sum(count for (status, _), count in counts.items() if status == "queued")
+    depth = sum(count for (status, _), count in counts.items() if status == JobStatus.QUEUED)
     return [
         jobs,
         GaugeMetricFamily(

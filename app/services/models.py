@@ -1,4 +1,4 @@
-"""Use cases for uploaded models. No FastAPI here: routes call these inside one transaction."""
+"""Use cases for uploaded models. No FastAPI here; a use case a route calls commits (app.core.db)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from app.core.storage import Storage
 from app.models import Artifact, Job, Model
 from app.services import stored
 from app.services.uploads import ReceivedUpload
-
-ACTIVE_JOB_STATUSES = ("queued", "running")
+from qaas.contract.vocab import ACTIVE, UploadStatus
 
 
 def parse_input_shapes(raw: str | None) -> dict[str, list[int | None]] | None:
@@ -73,6 +72,27 @@ def get_model(session: Session, model_id: str, *, tenant_id: str) -> Model:
     return stored.get_stored(session, Model, model_id, tenant_id=tenant_id)
 
 
+def ready_model(session: Session, model_id: str, *, tenant_id: str) -> Model:
+    """The caller's model for a job: refused (409) unless its inspection found it ready."""
+    model = get_model(session, model_id, tenant_id=tenant_id)
+    if model.status == UploadStatus.EXPIRED:
+        raise Conflict(
+            f"model {model.id} was deleted by the retention policy: upload it again", code="model_expired"
+        )
+    if model.status == UploadStatus.INSPECTING:
+        raise Conflict(
+            f"model {model.id} is still being inspected: poll GET /v1/models/{model.id} until its status is ready",
+            code="model_not_ready",
+        )
+    if model.status == UploadStatus.INVALID:
+        raise Conflict(
+            f"model {model.id} is invalid ({model.error_message}): upload a corrected model",
+            code="model_not_ready",
+        )
+    assert model.format is not None and model.inspection is not None
+    return model
+
+
 def list_models(
     session: Session, *, tenant_id: str, limit: int, cursor: str | None, status: str | None
 ) -> tuple[list[Model], str | None]:
@@ -80,11 +100,10 @@ def list_models(
 
 
 def delete_model(session: Session, storage: Storage, model_id: str, *, tenant_id: str) -> None:
-    """Delete the model with its finished jobs and their artifacts; refused while a job is in progress."""
+    """Delete the model with its finished jobs and commit; their files go after the commit. Refused while a job
+    is in progress."""
     model = get_model(session, model_id, tenant_id=tenant_id)
-    active = session.scalar(
-        select(Job.id).where(Job.model_id == model_id, Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1)
-    )
+    active = session.scalar(select(Job.id).where(Job.model_id == model_id, Job.status.in_(ACTIVE)).limit(1))
     if active is not None:
         raise Conflict(
             f"model {model_id} has a job in progress ({active}): cancel it or wait for it to finish, then delete",
@@ -102,6 +121,7 @@ def delete_model(session: Session, storage: Storage, model_id: str, *, tenant_id
             storage.delete(key)
 
     after_commit(session, delete_files)
+    session.commit()
 
 
 def record_inspection(

@@ -17,8 +17,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.errors import TooManyRequests
 from app.models import Artifact, Dataset, Job, Model, Tenant
-
-ACTIVE = ("queued", "running")
+from qaas.contract.vocab import ACTIVE, UploadStatus
 
 
 def lock_tenant(session: Session, tenant_id: str) -> Tenant | None:
@@ -89,7 +88,7 @@ def inspecting_uploads(session: Session, tenant_id: str) -> int:
         query = (
             select(func.count())
             .select_from(cls)
-            .where(cls.tenant_id == tenant_id, cls.status == "inspecting")
+            .where(cls.tenant_id == tenant_id, cls.status == UploadStatus.INSPECTING)
         )
         total += int(session.scalar(query) or 0)
     return total

@@ -33,10 +33,10 @@ from app.core.db import after_commit
 from app.core.storage import get_storage
 from app.models import Artifact, Dataset, Job, Model, Worker
 from app.models.common import utcnow
+from qaas.contract.vocab import ACTIVE, JobStatus, UploadStatus
 
 log = logging.getLogger("qaas.reaper")
 
-ACTIVE = ("queued", "running")
 BATCH = 200  # rows looked at per kind and pass
 FORGET_WORKERS_AFTER = timedelta(days=1)
 
@@ -74,23 +74,23 @@ def _enqueue_after_commit(session: Session, task: str, object_id: str) -> None:
 def _expired_leases(session: Session, settings: Settings, now: datetime, reaped: Reaped) -> None:
     rows = session.execute(
         select(Job.id, Job.attempts, Job.lease_expires_at, Job.cancel_requested_at)
-        .where(Job.status == "running", Job.lease_expires_at < now)
+        .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
         .limit(BATCH)
     ).all()
     for job_id, attempts, lease, cancel_at in rows:
         # The lease in the condition: a worker that renewed it meanwhile keeps its job.
-        still_lost = (Job.id == job_id, Job.status == "running", Job.lease_expires_at == lease)
+        still_lost = (Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_expires_at == lease)
         common: dict[str, Any] = {"lease_expires_at": None, "worker_id": None}
         if cancel_at is not None:
             values = common | {
-                "status": "cancelled",
+                "status": JobStatus.CANCELLED,
                 "finished_at": now,
                 "message": "cancelled (its worker was lost)",
             }
             bucket = reaped.cancelled
         elif attempts >= settings.max_attempts:
             values = common | {
-                "status": "failed",
+                "status": JobStatus.FAILED,
                 "finished_at": now,
                 "error_code": "worker_lost",
                 "error_message": (
@@ -103,7 +103,7 @@ def _expired_leases(session: Session, settings: Settings, now: datetime, reaped:
             bucket = reaped.lost
         else:
             values = common | {
-                "status": "queued",
+                "status": JobStatus.QUEUED,
                 "stage": None,
                 "percent": 0.0,
                 "message": (
@@ -144,7 +144,7 @@ def _resend_stale(
 
 def _stale_queued(session: Session, settings: Settings, now: datetime, reaped: Reaped) -> None:
     before = now - timedelta(seconds=settings.requeue_after_s)
-    _resend_stale(session, Job, "queued", queue.RUN_JOB, before, now, reaped.reenqueued)
+    _resend_stale(session, Job, JobStatus.QUEUED, queue.RUN_JOB, before, now, reaped.reenqueued)
 
 
 def _stale_inspections(session: Session, settings: Settings, now: datetime, reaped: Reaped) -> None:
@@ -152,7 +152,7 @@ def _stale_inspections(session: Session, settings: Settings, now: datetime, reap
     wait = max(settings.requeue_after_s, settings.inspect_timeout_s + 60)
     before = now - timedelta(seconds=wait)
     for cls, task in ((Model, queue.INSPECT_MODEL), (Dataset, queue.INSPECT_DATASET)):
-        _resend_stale(session, cls, "inspecting", task, before, now, reaped.reinspected)
+        _resend_stale(session, cls, UploadStatus.INSPECTING, task, before, now, reaped.reinspected)
 
 
 def _retention(session: Session, settings: Settings, now: datetime, reaped: Reaped) -> None:
@@ -193,7 +193,7 @@ def _retention(session: Session, settings: Settings, now: datetime, reaped: Reap
             marked = session.execute(
                 update(cls)
                 .where(cls.id == object_id, cls.expired_at.is_(None))
-                .values(status="expired", expired_at=now)
+                .values(status=UploadStatus.EXPIRED, expired_at=now)
             )
             if marked.rowcount == 1:  # type: ignore[attr-defined]
                 reaped.expired.append(object_id)

@@ -11,16 +11,47 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core import queue
+from app.core.config import Settings
 from app.core.db import after_commit
 from app.core.errors import not_found
 from app.core.ids import new_id
 from app.core.storage import Storage
 from app.models import Dataset, Model
 from app.models.common import utcnow
+from app.services import quotas
 from app.services.pagination import paginate
 from app.services.uploads import ReceivedUpload
+from qaas.contract.vocab import UploadStatus
 
 T = TypeVar("T", Model, Dataset)
+
+
+def save_upload(
+    session: Session,
+    settings: Settings,
+    storage: Storage,
+    upload: ReceivedUpload,
+    create: Callable[[Session, Storage, ReceivedUpload, str], T],
+    *,
+    tenant_id: str,
+) -> T:
+    """The upload use case, once its body is received and checked: the storage quota, the file stored and its
+    row added (`create`), the quotas again under the tenant's lock, counting this upload, then the commit.
+
+    A refusal, or a failing commit, deletes the stored file: nothing of the upload is kept."""
+    assert upload.file is not None
+    quotas.check_storage(session, settings, tenant_id, upload.file.size_bytes)
+    row = create(session, storage, upload, tenant_id)
+    key = row.storage_key
+    try:
+        # Parallel uploads all passed the checks above: the locked one decides, counting this row.
+        quotas.check_new_upload(session, settings, tenant_id, upload.file.size_bytes)
+        session.commit()
+    except Exception:
+        session.rollback()
+        storage.delete(key)
+        raise
+    return row
 
 
 def record_upload(
@@ -46,7 +77,7 @@ def record_upload(
         size_bytes=upload.file.size_bytes,
         sha256=upload.file.sha256,
         storage_key=key,
-        status="inspecting",
+        status=UploadStatus.INSPECTING,
         **columns,
     )
     session.add(row)
@@ -83,14 +114,14 @@ def record_inspection(
 ) -> None:
     """Worker side: store what the runner found. Only a row still `inspecting` changes."""
     row = session.get(cls, object_id, with_for_update=True)
-    if row is None or row.status != "inspecting":
+    if row is None or row.status != UploadStatus.INSPECTING:
         return
     if error is not None:
-        row.status = "invalid"
+        row.status = UploadStatus.INVALID
         row.error_code, row.error_message = error
         return
     assert result is not None
-    row.status = "ready"
+    row.status = UploadStatus.READY
     row.format = result.get("format")
     apply(row, result)
 
@@ -119,7 +150,7 @@ def claim_next_inspection(
     running: Counter[str] = Counter()
     waiting: list[tuple[datetime, str, type[Model] | type[Dataset], str]] = []
     for cls in (Model, Dataset):
-        inspecting = cls.status == "inspecting"
+        inspecting = cls.status == UploadStatus.INSPECTING
         claimed = cls.inspection_started_at >= stale
         running.update(session.scalars(select(cls.tenant_id).where(inspecting, claimed)))
         free = or_(cls.inspection_started_at.is_(None), cls.inspection_started_at < stale)
@@ -135,7 +166,7 @@ def claim_next_inspection(
             update(cls)
             .where(
                 cls.id == object_id,
-                cls.status == "inspecting",
+                cls.status == UploadStatus.INSPECTING,
                 or_(cls.inspection_started_at.is_(None), cls.inspection_started_at < stale),
             )
             .values(inspection_started_at=now)

@@ -42,16 +42,16 @@ class ReceivedUpload:
     file: ReceivedFile | None = None
 
 
+@dataclass
 class _Part:
-    def __init__(self) -> None:
-        self.headers: dict[bytes, bytes] = {}
-        self.name = ""
-        self.filename: str | None = None
-        self.value = bytearray()
-        self.handle: BinaryIO | None = None
-        self.tmp_path: Path | None = None
-        self.digest = hashlib.sha256()
-        self.size = 0
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    name: str = ""
+    filename: str | None = None
+    value: bytearray = field(default_factory=bytearray)
+    handle: BinaryIO | None = None
+    tmp_path: Path | None = None
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    size: int = 0
 
 
 async def receive_upload(
@@ -64,173 +64,213 @@ async def receive_upload(
     storage: Storage,
 ) -> ReceivedUpload:
     """Parse a multipart body with one `file` part. The caller owns `result.file.tmp_path` on success."""
+    boundary = _boundary(content_type)
+    _check_declared_length(content_length, max_bytes)
+    form = _Form(boundary, max_bytes=max_bytes, allowed_fields=allowed_fields, storage=storage)
+    try:
+        await form.read(stream)
+    except BaseException as exc:
+        form.discard()  # a cancelled request (client gone, server stopping) leaves no temporary file either
+        if isinstance(exc, (InvalidRequest, PayloadTooLarge)) or not isinstance(exc, Exception):
+            raise
+        raise InvalidRequest(
+            f"the multipart body could not be parsed: {exc}", code="malformed_multipart"
+        ) from exc
+    return form.received()
+
+
+def _boundary(content_type: str | None) -> bytes:
     ctype, params = parse_options_header(content_type or "")
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise UnsupportedMediaType(
             "send the upload as multipart/form-data with the file in a part named 'file' (curl -F file=@model.pt2)"
         )
-    if content_length is not None:
-        try:
-            declared = int(content_length)
-        except ValueError:
+    return params[b"boundary"]
+
+
+def _check_declared_length(content_length: str | None, max_bytes: int) -> None:
+    """Refuse a body whose Content-Length is already over the limit, before a byte of it is read."""
+    if content_length is None:
+        return
+    try:
+        declared = int(content_length)
+    except ValueError:
+        raise InvalidRequest(
+            "the Content-Length header is not a number", code="invalid_content_length"
+        ) from None
+    if declared > max_bytes + MULTIPART_OVERHEAD_BYTES:
+        raise _too_large(max_bytes)
+
+
+class _Form:
+    """One request's multipart body as the parser reports it: the parts seen so far, the file written to disk,
+    the fields kept in memory, and the first refusal.
+
+    The parser calls the `_on_*` methods. After the first refusal the rest of the chunk at hand is parsed, but
+    nothing more is kept; `read` raises it once that chunk is done."""
+
+    def __init__(
+        self, boundary: bytes, *, max_bytes: int, allowed_fields: set[str], storage: Storage
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.allowed_fields = allowed_fields
+        self.max_parts = len(allowed_fields | {"file"})
+        self.storage = storage
+        self.parts: list[_Part] = []
+        self.result = ReceivedUpload()
+        self.refusal: InvalidRequest | PayloadTooLarge | None = None
+        self.form_bytes = 0
+        self.header_field = bytearray()
+        self.header_value = bytearray()
+        self.parser = MultipartParser(
+            boundary,
+            callbacks={
+                "on_part_begin": self._on_part_begin,
+                "on_part_data": self._on_part_data,
+                "on_part_end": self._on_part_end,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+            },
+        )
+
+    async def read(self, stream: AsyncIterator[bytes]) -> None:
+        """Feed the body to the parser, stopping at the first refusal."""
+        async for chunk in stream:
+            self.parser.write(chunk)
+            if self.refusal is not None:
+                raise self.refusal
+        self.parser.finalize()
+        if self.refusal is not None:
+            raise self.refusal
+
+    def received(self) -> ReceivedUpload:
+        """The parsed upload, once the whole body is read: refused when it has no file or an empty one."""
+        if self.result.file is None:
+            self.discard()
             raise InvalidRequest(
-                "the Content-Length header is not a number", code="invalid_content_length"
-            ) from None
-        if declared > max_bytes + MULTIPART_OVERHEAD_BYTES:
-            raise _too_large(max_bytes)
+                "the upload has no part named 'file': send it with -F file=@PATH", code="file_part_missing"
+            )
+        if self.result.file.size_bytes == 0:
+            self.discard()
+            raise InvalidRequest("the uploaded file is empty", code="empty_file")
+        return self.result
 
-    result = ReceivedUpload()
-    parts: list[_Part] = []
-    header_field = bytearray()
-    header_value = bytearray()
-    errors: list[Exception] = []
-    max_parts = len(allowed_fields | {"file"})
-    form_bytes = 0
+    def discard(self) -> None:
+        """Close and delete every temporary file this body was written to."""
+        for part in self.parts:
+            if part.handle is not None:
+                part.handle.close()
+            if part.tmp_path is not None:
+                part.tmp_path.unlink(missing_ok=True)
 
-    def count_form_bytes(size: int) -> bool:
-        """Add to the in-memory bytes; False (and the error recorded) once past MAX_FORM_BYTES."""
-        nonlocal form_bytes
-        form_bytes += size
-        if form_bytes > MAX_FORM_BYTES:
-            errors.append(_form_too_large(allowed_fields))
+    def _refuse(self, refusal: InvalidRequest | PayloadTooLarge) -> None:
+        if self.refusal is None:  # the first one is the answer
+            self.refusal = refusal
+
+    def _count_form_bytes(self, size: int) -> bool:
+        """Add to the in-memory bytes; False (and the refusal recorded) once past MAX_FORM_BYTES."""
+        self.form_bytes += size
+        if self.form_bytes > MAX_FORM_BYTES:
+            self._refuse(_form_too_large(self.allowed_fields))
             return False
         return True
 
-    # After the first error the rest of the chunk at hand is parsed, but nothing more is kept.
-    def on_part_begin() -> None:
-        if errors:
+    def _on_part_begin(self) -> None:
+        if self.refusal is not None:
             return
-        if len(parts) == max_parts:
-            errors.append(_too_many_parts(max_parts, allowed_fields))
+        if len(self.parts) == self.max_parts:
+            self._refuse(_too_many_parts(self.max_parts, self.allowed_fields))
             return
-        parts.append(_Part())
+        self.parts.append(_Part())
 
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        if not errors and count_form_bytes(end - start):
-            header_field.extend(data[start:end])
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        if self.refusal is None and self._count_form_bytes(end - start):
+            self.header_field.extend(data[start:end])
 
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        if not errors and count_form_bytes(end - start):
-            header_value.extend(data[start:end])
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        if self.refusal is None and self._count_form_bytes(end - start):
+            self.header_value.extend(data[start:end])
 
-    def on_header_end() -> None:
-        if not errors:
-            parts[-1].headers[bytes(header_field).lower()] = bytes(header_value)
-        header_field.clear()
-        header_value.clear()
+    def _on_header_end(self) -> None:
+        if self.refusal is None:
+            self.parts[-1].headers[bytes(self.header_field).lower()] = bytes(self.header_value)
+        self.header_field.clear()
+        self.header_value.clear()
 
-    def on_headers_finished() -> None:
-        if errors:
+    def _on_headers_finished(self) -> None:
+        """The part's name is known: open its temporary file, or refuse a field that is unknown or repeated."""
+        if self.refusal is not None:
             return
-        part = parts[-1]
+        part, earlier = self.parts[-1], self.parts[:-1]
         _, options = parse_options_header(part.headers.get(b"content-disposition", b""))
         part.name = options.get(b"name", b"").decode("utf-8", "replace")
         if b"filename" in options:
             part.filename = options[b"filename"].decode("utf-8", "replace")
         if part.name == "file":
-            if any(earlier.name == "file" for earlier in parts[:-1]):
-                errors.append(InvalidRequest("send exactly one part named 'file'", code="multiple_files"))
+            if any(other.name == "file" for other in earlier):
+                self._refuse(InvalidRequest("send exactly one part named 'file'", code="multiple_files"))
                 return
-            part.tmp_path = storage.temp_path()
-            part.handle = open(part.tmp_path, "wb")  # noqa: SIM115 (closed in on_part_end or cleanup)
-        elif part.name not in allowed_fields:
-            allowed = ", ".join(sorted(allowed_fields | {"file"}))
-            errors.append(
+            part.tmp_path = self.storage.temp_path()
+            part.handle = open(part.tmp_path, "wb")  # noqa: SIM115 (closed in _on_part_end or discard)
+        elif part.name not in self.allowed_fields:
+            allowed = ", ".join(sorted(self.allowed_fields | {"file"}))
+            self._refuse(
                 InvalidRequest(
                     f"unknown form field '{part.name}': allowed are {allowed}", code="unknown_field"
                 )
             )
-        elif any(earlier.name == part.name for earlier in parts[:-1]):
-            errors.append(
+        elif any(other.name == part.name for other in earlier):
+            self._refuse(
                 InvalidRequest(
                     f"form field '{part.name}' is sent more than once: send each field at most once",
                     code="duplicate_field",
                 )
             )
 
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        if errors:
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.refusal is not None:
             return
-        part = parts[-1]
+        part = self.parts[-1]
         chunk = data[start:end]
         if part.handle is not None:
-            part.size += len(chunk)
-            if part.size > max_bytes:
-                errors.append(_too_large(max_bytes))
-                return
-            part.digest.update(chunk)
-            part.handle.write(chunk)
-            return
-        if len(part.value) + len(chunk) > MAX_FIELD_BYTES:
-            errors.append(
+            self._write_file(part, chunk)
+        elif len(part.value) + len(chunk) > MAX_FIELD_BYTES:
+            self._refuse(
                 InvalidRequest(
                     f"form field '{part.name}' is over {MAX_FIELD_BYTES} bytes", code="field_too_large"
                 )
             )
-            return
-        if count_form_bytes(len(chunk)):
+        elif self._count_form_bytes(len(chunk)):
             part.value.extend(chunk)
 
-    def on_part_end() -> None:
-        if errors:
+    def _write_file(self, part: _Part, chunk: bytes) -> None:
+        """Hash and write a chunk of the file, refused once past the upload limit."""
+        assert part.handle is not None
+        part.size += len(chunk)
+        if part.size > self.max_bytes:
+            self._refuse(_too_large(self.max_bytes))
             return
-        part = parts[-1]
+        part.digest.update(chunk)
+        part.handle.write(chunk)
+
+    def _on_part_end(self) -> None:
+        if self.refusal is not None:
+            return
+        part = self.parts[-1]
         if part.handle is not None:
+            assert part.tmp_path is not None
             part.handle.close()
             part.handle = None
-            result.file = ReceivedFile(
-                tmp_path=part.tmp_path,  # type: ignore[arg-type]
+            self.result.file = ReceivedFile(
+                tmp_path=part.tmp_path,
                 filename=(part.filename or "upload")[:200],
                 size_bytes=part.size,
                 sha256=part.digest.hexdigest(),
             )
         elif part.name:
-            result.fields[part.name] = part.value.decode("utf-8", "replace")
-
-    parser = MultipartParser(
-        params[b"boundary"],
-        callbacks={
-            "on_part_begin": on_part_begin,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-        },
-    )
-
-    def cleanup() -> None:
-        for part in parts:
-            if part.handle is not None:
-                part.handle.close()
-            if part.tmp_path is not None:
-                part.tmp_path.unlink(missing_ok=True)
-
-    try:
-        async for chunk in stream:
-            parser.write(chunk)
-            if errors:
-                raise errors[0]
-        parser.finalize()
-        if errors:
-            raise errors[0]
-    except BaseException as exc:
-        cleanup()  # a cancelled request (client gone, server stopping) leaves no temporary file either
-        if isinstance(exc, (InvalidRequest, PayloadTooLarge)) or not isinstance(exc, Exception):
-            raise
-        raise InvalidRequest(
-            f"the multipart body could not be parsed: {exc}", code="malformed_multipart"
-        ) from exc
-    if result.file is None:
-        cleanup()
-        raise InvalidRequest(
-            "the upload has no part named 'file': send it with -F file=@PATH", code="file_missing"
-        )
-    if result.file.size_bytes == 0:
-        cleanup()
-        raise InvalidRequest("the uploaded file is empty", code="empty_file")
-    return result
+            self.result.fields[part.name] = part.value.decode("utf-8", "replace")
 
 
 def _form_fields(allowed_fields: set[str]) -> str:

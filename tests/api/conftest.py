@@ -50,3 +50,22 @@ def make_ready_dataset(client: TestClient, tensors: dict[str, Any], has_labels: 
     with session_scope() as session:
         dataset_service.record_inspection(session, dataset_id, result=result, error=None)
     return dataset_id
+
+
+def job_metrics(ratio: float = 4.0, speedup: float = 2.0) -> dict[str, Any]:
+    """A complete metrics document as the worker stores one (qaas.contract.metrics.JobMetrics: the worker
+    refuses a runner's document that does not validate, so the API only ever serves complete ones)."""
+    return {
+        "size": {"fp32_bytes": 4000, "int8_bytes": int(4000 / ratio), "ratio": ratio},
+        "latency": [
+            {
+                "batch_size": 1,
+                "threads": 1,
+                "fp32_ms": {"p50": 2.0 * speedup, "p95": 2.2 * speedup},
+                "int8_ms": {"p50": 2.0, "p95": 2.2},
+                "speedup": speedup,
+            }
+        ],
+        "fidelity": {"sqnr_db": 30.0, "cosine": 0.999, "max_abs_error": 0.01, "top1_agreement": None},
+        "warnings": [],
+    }

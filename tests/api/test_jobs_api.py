@@ -11,7 +11,7 @@ from app.core.db import session_scope
 from app.core.errors import NotFound
 from app.core.storage import get_storage
 from app.services import jobs as job_service
-from tests.api.conftest import MLP_INSPECTION, make_ready_dataset, make_ready_model, upload
+from tests.api.conftest import MLP_INSPECTION, job_metrics, make_ready_dataset, make_ready_model, upload
 
 
 def submit(client: TestClient, **body):
@@ -162,10 +162,7 @@ def test_claim_is_exclusive_and_finish_publishes_artifacts(client: TestClient, s
     artifact = job_service.StoredArtifact(
         "model.int8.ts", "torchscript", size, sha, f"artifacts/{job_id}/attempt-1/model.int8.ts"
     )
-    metrics = {
-        "size": {"fp32_bytes": 4000, "int8_bytes": 1000, "ratio": 4.0},
-        "latency": [{"batch_size": 1, "speedup": 2.0}],
-    }
+    metrics = job_metrics(ratio=4.0, speedup=2.0)
     with session_scope() as session:
         assert not job_service.succeed_job(
             session,
@@ -232,7 +229,7 @@ def _succeed(job_id: str, data_dir: Path) -> bool:
             job_id,
             "w1",
             backend="fbgemm",
-            metrics={"size": {"fp32_bytes": 4000, "int8_bytes": 1000, "ratio": 4.0}},
+            metrics=job_metrics(),
             artifacts=[_stored_artifact(job_id, data_dir)],
             load_snippet="x",
             manifest={},

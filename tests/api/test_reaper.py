@@ -20,7 +20,7 @@ from app.models import Job, Model
 from app.models.common import utcnow
 from app.services import jobs as job_service
 from app.services import reaper
-from tests.api.conftest import make_ready_model, upload
+from tests.api.conftest import job_metrics, make_ready_model, upload
 
 
 def submit(client: TestClient, model_id: str, **headers: str) -> str:
@@ -242,7 +242,7 @@ def test_retention_marks_rows_then_deletes_their_files(
     old_model, busy_model, new_model = (make_ready_model(client) for _ in range(3))
     dataset_id = upload(client, "/v1/datasets", b"calibration").json()["id"]
     done = submit(client, old_model)
-    finish_job(done, service_env, {"size": {"fp32_bytes": 100, "int8_bytes": 25}})
+    finish_job(done, service_env, job_metrics())
     busy = submit(client, busy_model)
     long_ago = utcnow() - timedelta(days=2)
     with session_scope() as session:

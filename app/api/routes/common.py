@@ -22,11 +22,11 @@ from app.core.db import get_sessionmaker
 from app.core.errors import BadRequest, Gone, InvalidRequest, RangeNotSatisfiable
 from app.core.storage import LocalStorage, S3Storage, Storage, StoredFileMissing
 from app.models import Dataset, Model
-from app.services import quotas
+from app.services import quotas, stored
 from app.services.auth import Caller
 from app.services.pagination import CURSOR_PATTERN
 from app.services.uploads import MULTIPART_OVERHEAD_BYTES, ReceivedUpload, receive_upload
-from qaas import archives
+from qaas.contract import archives
 
 T = TypeVar("T", Model, Dataset)
 OutT = TypeVar("OutT", bound=BaseModel)
@@ -77,7 +77,7 @@ def stored_out(row: Model | Dataset, out: type[OutT]) -> OutT:
 
 def _check_room(settings: Settings, caller: Caller, declared: int) -> None:
     """Before a byte is read: the broker is up and the tenant has room for what the request says it sends, and
-    for one more upload to inspect. (No lock here: `_record` checks again, locked, before it commits.)"""
+    for one more upload to inspect. (No lock here: `stored.save_upload` checks again, locked, before it commits.)"""
     require_broker(settings)
     with get_sessionmaker()() as session:
         quotas.check_inspecting(session, settings, caller.tenant_id)
@@ -102,23 +102,14 @@ def _record(
     create: Callable[[Session, Storage, ReceivedUpload, str], T],
     out: type[OutT],
 ) -> OutT:
+    """Check the received file's content, then save it (app.services.stored.save_upload commits)."""
     _check_content(upload)
     assert upload.file is not None
     with get_sessionmaker()() as session:
-        quotas.check_storage(session, settings, caller.tenant_id, upload.file.size_bytes)
-        row = create(session, storage, upload, caller.tenant_id)
-        key = row.storage_key
-        try:
-            # Parallel uploads all passed the checks above: the locked one decides, counting this row.
-            quotas.check_new_upload(session, settings, caller.tenant_id, upload.file.size_bytes)
-            response = stored_out(row, out)
-            session.commit()
-        except Exception:
-            session.rollback()
-            storage.delete(key)
-            raise
-        metrics.count_upload("model" if isinstance(row, Model) else "dataset", upload.file.size_bytes)
-        return response
+        row = stored.save_upload(session, settings, storage, upload, create, tenant_id=caller.tenant_id)
+        response = stored_out(row, out)
+    metrics.count_upload("model" if isinstance(row, Model) else "dataset", upload.file.size_bytes)
+    return response
 
 
 async def handle_upload(

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from typing import Literal
-
 from fastapi import APIRouter, Request, Response, status
 
 from app.api.deps import ReleasingRoute, SessionDep, SettingsDep, StorageDep
@@ -11,6 +9,7 @@ from app.models import Dataset
 from app.schemas.common import GUARDED, Page, error_responses
 from app.schemas.datasets import DatasetOut
 from app.services import datasets as service
+from qaas.contract.vocab import UploadStatus
 
 router = APIRouter(
     route_class=ReleasingRoute, prefix="/v1/datasets", tags=["datasets"], responses=error_responses(*GUARDED)
@@ -65,7 +64,7 @@ def list_datasets(
     caller: CallerDep,
     limit: LimitQuery = 20,
     cursor: CursorQuery = None,
-    status: Literal["inspecting", "ready", "invalid", "expired"] | None = None,
+    status: UploadStatus | None = None,
 ) -> Page[DatasetOut]:
     """Datasets, newest first, one page at a time."""
     rows, next_cursor = service.list_datasets(
@@ -91,5 +90,4 @@ def get_dataset(dataset_id: str, session: SessionDep, caller: CallerDep) -> Data
 def delete_dataset(dataset_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep) -> Response:
     """Deletes the dataset; finished jobs keep their results. 409 while a queued or running job uses it."""
     service.delete_dataset(session, storage, dataset_id, tenant_id=caller.tenant_id)
-    session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

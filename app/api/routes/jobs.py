@@ -11,9 +11,10 @@ from app.api.guard import CallerDep
 from app.api.routes.common import CursorQuery, LimitQuery, file_response
 from app.models import Job
 from app.schemas.common import GUARDED, ObjectError, Page, error_responses
-from app.schemas.jobs import ArtifactOut, BackendOut, JobCreate, JobOut, JobStatus, JobSummary, Progress
+from app.schemas.jobs import ArtifactOut, BackendOut, JobCreate, JobOut, JobSummary, Progress
 from app.services import jobs as service
 from app.services import reports
+from qaas.contract.vocab import JobStatus
 
 router = APIRouter(
     route_class=ReleasingRoute, prefix="/v1/jobs", tags=["jobs"], responses=error_responses(*GUARDED)
@@ -109,7 +110,6 @@ def create_job(
     first job."""
     require_broker(settings)
     job, _created = service.create_job(session, settings, body, idempotency_key, tenant_id=caller.tenant_id)
-    session.commit()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_out(job, service.artifacts_of(session, job.id))
 
@@ -148,7 +148,6 @@ def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobOut:
 def cancel_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobOut:
     """A queued job is cancelled at once; a running one within seconds (its runner is stopped)."""
     job = service.cancel_job(session, job_id, tenant_id=caller.tenant_id)
-    session.commit()
     return job_out(job, service.artifacts_of(session, job_id))
 
 

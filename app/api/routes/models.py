@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from typing import Literal
-
 from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import FileResponse
 
@@ -20,6 +18,7 @@ from app.models import Model
 from app.schemas.common import GUARDED, Page, error_responses
 from app.schemas.models import ModelOut
 from app.services import models as service
+from qaas.contract.vocab import UploadStatus
 
 router = APIRouter(
     route_class=ReleasingRoute, prefix="/v1/models", tags=["models"], responses=error_responses(*GUARDED)
@@ -73,7 +72,7 @@ def list_models(
     caller: CallerDep,
     limit: LimitQuery = 20,
     cursor: CursorQuery = None,
-    status: Literal["inspecting", "ready", "invalid", "expired"] | None = None,
+    status: UploadStatus | None = None,
 ) -> Page[ModelOut]:
     """Models, newest first, one page at a time."""
     rows, next_cursor = service.list_models(
@@ -123,5 +122,4 @@ def download_model_file(
 def delete_model(model_id: str, session: SessionDep, storage: StorageDep, caller: CallerDep) -> Response:
     """Deletes the model, its finished jobs and their artifacts. 409 while one of its jobs is queued or running."""
     service.delete_model(session, storage, model_id, tenant_id=caller.tenant_id)
-    session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
