@@ -2,7 +2,7 @@
 
 The API's request (`app.schemas.jobs.JobCreate`, and so OpenAPI and Swagger), the engine's configs, the runner's
 spec and the CLIs' flags are all built from the models here. Adding an option is one field here plus its use
-(docs/architecture.md).
+(docs/architecture.md#adding-a-job-option).
 
     options = JobOptions(weight_granularity="per_tensor")          # what a request carries
     config = engine_config("static", "x86", options, BenchmarkOptions())   # what the engine runs: StaticConfig

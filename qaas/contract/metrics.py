@@ -1,7 +1,7 @@
 """The metrics document of a finished job, typed: what the engine measures, the API serves (`JobOut.metrics`,
 the report), the client reads as attributes and `qaas.contract.formatting` prints.
 
-Every number is measured on the artifact as stored (docs/architecture.md). Unknown keys are kept, never
+Every number is measured on the artifact as stored (docs/architecture.md#the-metrics-document). Unknown keys are kept, never
 dropped (a newer worker may add one), and `undeclared()` lists them: the tests require none.
 
     metrics = JobMetrics.model_validate(job["metrics"])
