@@ -1,282 +1,182 @@
-"""The `qaas` command. Server subcommands import app or workers lazily, so the client stays light."""
+"""The `qaas` command. The client's commands (`submit`, `jobs`: qaas.submit) run here; the server's and the
+worker's live next to what they start (app/commands.py, workers/commands.py) and are imported by name when
+one of them runs. So the client install (`pip install .`: httpx, rich, pydantic) runs `qaas --help` and
+`qaas submit`, and `qaas serve` there says which extra to install instead of a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ipaddress
-import logging
-import os
-import signal
-import subprocess
+import importlib
+import importlib.util
 import sys
-import threading
-import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-log = logging.getLogger("qaas")
-
-
-def _apply_data_dir(data_dir: str | None) -> None:
-    if data_dir:
-        os.environ["QAAS_DATA_DIR"] = str(Path(data_dir).expanduser().resolve())
+USAGE_ERROR = 2
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
-    _apply_data_dir(args.data_dir)
-    from app.core.config import get_settings
-    from app.core.migrate import upgrade
+@dataclass(frozen=True)
+class Elsewhere:
+    """A command that lives in another package: where, the extra that brings what it needs, its help line."""
 
-    settings = get_settings()
-    if settings.resolved_database_url.startswith("sqlite"):
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(settings.resolved_database_url)
-    print("database is at the latest schema", file=sys.stderr)
-    return 0
+    module: str
+    extra: str
+    help: str
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+# What each extra of pyproject.toml brings that its commands need, by import name: looked for (not imported)
+# before the command's module is, since a command imports them only when it runs (the worker needs torch for
+# its runners alone). tests/test_client_install.py checks them against pyproject.toml.
+EXTRAS = {
+    "server": ("fastapi", "uvicorn", "sqlalchemy", "alembic", "celery", "pydantic_settings"),
+    "worker": ("fastapi", "sqlalchemy", "celery", "torch", "torchao", "numpy"),
+}
+
+COMMANDS = {
+    "serve": Elsewhere(
+        "app.commands", "server", "API and one worker on the embedded default (SQLite), one command"
+    ),
+    "api": Elsewhere("app.commands", "server", "the HTTP API alone (QAAS_DATABASE_URL, QAAS_BROKER_URL)"),
+    "worker": Elsewhere("workers.commands", "worker", "a Celery worker"),
+    "migrate": Elsewhere("app.commands", "server", "apply database migrations"),
+    "quantize": Elsewhere(
+        "workers.commands",
+        "worker",
+        "quantize a model locally, without a server (same outputs and report as a job)",
+    ),
+    "keys": Elsewhere("app.commands", "server", "create, list and revoke API keys (QAAS_AUTH=required)"),
+    "tenants": Elsewhere("app.commands", "server", "list tenants with their usage, set their quotas"),
+}
 
 
-def check_exposure(host: str) -> str | None:
-    """Why the API must not start on `host` with the current settings, or None. Says the auth mode on stderr."""
-    from app.core.config import get_settings
-
-    settings = get_settings()
-    if settings.auth == "required":
-        print(
-            "qaas: every /v1 request needs an API key (QAAS_AUTH=required; qaas keys create)", file=sys.stderr
-        )
-        return None
-    if _is_loopback(host):
-        print(
-            "qaas: authentication is disabled (QAAS_AUTH=disabled): only this machine can reach the API; every "
-            "request acts as the tenant 'default'",
-            file=sys.stderr,
-        )
-        return None
-    if settings.allow_public_no_auth:
-        print(
-            f"qaas: WARNING: authentication is disabled on {host}: ANYONE who can reach it can use the API "
-            "(QAAS_ALLOW_PUBLIC_NO_AUTH=true)",
-            file=sys.stderr,
-        )
-        return None
-    return (
-        f"refusing to listen on {host} with QAAS_AUTH=disabled: anyone who reaches it could use the API. Set "
-        "QAAS_AUTH=required and create keys (qaas keys create --tenant NAME), listen on 127.0.0.1, or set "
-        "QAAS_ALLOW_PUBLIC_NO_AUTH=true if a proxy in front authenticates"
+def _connection() -> argparse.ArgumentParser:
+    """The flags every client command takes: which server, which key."""
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument(
+        "--server", metavar="URL", help="the qaas URL (default: $QAAS_SERVER, else http://127.0.0.1:8000)"
     )
+    connection.add_argument("--key", help="API key (default: $QAAS_API_KEY)")
+    return connection
 
 
-def cmd_api(args: argparse.Namespace) -> int:
-    _apply_data_dir(args.data_dir)
-    refusal = check_exposure(args.host)
-    if refusal:
-        print(f"qaas: {refusal}", file=sys.stderr)
-        return 2
-    _run_uvicorn(args.host, args.port)
-    return 0
+def _submit_parser(sub: Any, connection: argparse.ArgumentParser) -> None:
+    from qaas import submit as run
+    from qaas.contract.flags import add_job_flags
 
-
-def _run_uvicorn(host: str, port: int) -> None:
-    """Serve until SIGINT or SIGTERM, then return (the caller stops what it started): exits 3 if it never
-    started (uvicorn's STARTUP_FAILURE: the port is taken, the app failed)."""
-    import uvicorn
-
-    from app.api.timeouts import TimedH11Protocol
-    from app.core import logs
-
-    # Keep idle connections longer than clients do (httpx and most keep 5 s): a server that closes first races
-    # a client reusing the connection, which then sees a reset instead of an answer.
-    config = uvicorn.Config(
-        "app.main:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        log_level="info",
-        timeout_keep_alive=30,
-        http=TimedH11Protocol,  # h11, plus a bound on a request line and headers (QAAS_READ_TIMEOUT_S)
-        log_config=logs.uvicorn_log_config(),  # JSON logs: uvicorn's lines go through the root handler
+    submit = sub.add_parser(
+        "submit",
+        parents=[connection],
+        help="upload a model (and datasets) to a server and quantize it there",
+        description="Upload MODEL and the datasets, wait until the server has inspected them, submit a job; "
+        "with --wait, follow it, print its numbers and download its artifacts (checked by sha256). "
+        "Exit 0 succeeded, 1 failed, 2 usage error.",
     )
-    server = uvicorn.Server(config)
-
-    def stop(_signum: int, _frame: object) -> None:
-        server.should_exit = True
-
-    # uvicorn handles SIGTERM while it serves, then puts back the handler it found and raises the signal again.
-    # The default handler would end this process right there, before `qaas serve` stops its worker (which was
-    # left running); this one only asks uvicorn to stop (at once when it comes before uvicorn serves).
-    signal.signal(signal.SIGTERM, stop)
-    with contextlib.suppress(KeyboardInterrupt):  # SIGINT, raised again the same way
-        server.run()
-    if not server.started:
-        sys.exit(3)
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    if args.parent_pid is not None:
-        from workers.upkeep import die_with_parent
-
-        die_with_parent(args.parent_pid)  # first: until it is armed, a killed `qaas serve` leaves this behind
-    _apply_data_dir(args.data_dir)
-    from app.core.config import get_settings
-    from app.core.queue import QUEUE
-    from workers import tasks, upkeep
-    from workers.celery_app import celery
-    from workers.sandbox import harden_worker_process
-
-    # Before any runner starts: a same-uid child must not read this process's memory or environment.
-    tasks.WORKER_PROTECTIONS[:] = harden_worker_process()
-    settings = get_settings()
-    concurrency = args.concurrency or settings.worker_concurrency
-    # Heartbeat, reaper and the graceful-shutdown grace period (workers.upkeep).
-    loop = upkeep.Upkeep(settings, concurrency, tasks.WORKER_PROTECTIONS)
-    upkeep.connect_celery_signals(loop, settings.shutdown_grace_s)
-    loop.start()
-    # Threads are enough: each job's work happens in its own runner process.
-    celery.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            f"--concurrency={concurrency}",
-            f"--queues={QUEUE}",
-            "--without-gossip",
-            "--without-mingle",
-            f"--loglevel={args.loglevel}",
-        ]
+    submit.add_argument("model", type=Path, help="a .pt2, a TorchScript file or a zipped Hugging Face folder")
+    add_job_flags(submit)  # --mode, --backend, and a flag per job option (the job contract's)
+    submit.add_argument("--calib", metavar="FILE", type=Path, help="calibration dataset (static)")
+    submit.add_argument("--train", metavar="FILE", type=Path, help="training dataset with labels (qat)")
+    submit.add_argument(
+        "--eval", metavar="FILE", type=Path, help="evaluation dataset (labels give an accuracy)"
     )
-    return 0
-
-
-class _WorkerChild:
-    """The embedded worker: a child process, restarted if it dies, stopped with the server.
-
-    It dies with the server too, even one killed with SIGKILL: `--parent-pid` makes it arm PR_SET_PDEATHSIG
-    (workers.upkeep.die_with_parent). The kernel sends that signal when the *thread* that forked the child
-    exits, so the worker is started from the main thread or from the watching thread, which lives until the
-    worker it started is gone."""
-
-    STOP_TIMEOUT_S = 30.0  # after SIGTERM; the worker's own grace (QAAS_SHUTDOWN_GRACE_S) is 5 s under serve
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.stopping = threading.Event()
-        self.lock = threading.Lock()  # no restart after stop() has looked at the process
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-
-    def start(self) -> None:
-        self._spawn()
-        self.thread.start()
-
-    def _spawn(self) -> None:
-        # One machine, one person at the terminal: Ctrl-C hands a running job back after 5 s, not a minute.
-        env = {"QAAS_SHUTDOWN_GRACE_S": "5", **os.environ, "QAAS_DATA_DIR": str(self.data_dir)}
-        command = [sys.executable, "-m", "qaas", "worker", "--loglevel", "warning"]
-        self.proc = subprocess.Popen([*command, "--parent-pid", str(os.getpid())], env=env)
-
-    def _watch(self) -> None:
-        delay = 1.0
-        while True:
-            assert self.proc is not None
-            code = self.proc.poll()
-            if code is not None:
-                if self.stopping.is_set():
-                    return  # only now: the worker this thread started is gone
-                log.error("the worker exited with status %s; restarting it in %.0f s", code, delay)
-                self.stopping.wait(delay)
-                delay = min(delay * 2, 30.0)
-                with self.lock:
-                    if not self.stopping.is_set():
-                        self._spawn()
-            time.sleep(0.5)
-
-    def stop(self) -> bool:
-        """SIGTERM (the worker's graceful shutdown) and wait; SIGKILL after STOP_TIMEOUT_S. False if killed."""
-        with self.lock:
-            self.stopping.set()
-            proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return True
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=self.STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            log.error("the worker did not stop %.0f s after SIGTERM; killing it", self.STOP_TIMEOUT_S)
-            proc.kill()
-            proc.wait()
-            return False
-        return True
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    data_dir = Path(args.data_dir).expanduser().resolve()
-    _apply_data_dir(str(data_dir))
-
-    refusal = check_exposure(args.host)
-    if refusal:
-        print(f"qaas: {refusal}", file=sys.stderr)
-        return 2
-    cmd_migrate(argparse.Namespace(data_dir=str(data_dir)))
-    worker = _WorkerChild(data_dir)
-    worker.start()
-    print(
-        f"qaas: API on http://{args.host}:{args.port} (Swagger UI at /docs), data in {data_dir}",
-        file=sys.stderr,
+    submit.add_argument(
+        "--input-shapes", metavar="JSON", help='TorchScript only: JSON such as {"x": [null, 64]}'
     )
-    try:
-        _run_uvicorn(args.host, args.port)  # returns on SIGINT and SIGTERM
-    finally:
-        stopped = worker.stop()
-    return 0 if stopped else 1
+    submit.add_argument(
+        "--options",
+        metavar="JSON",
+        help='job options as JSON, e.g. {"exclude": ["head"], "seed": 1}; a flag below overrides its key',
+    )
+    submit.add_argument(
+        "--benchmark",
+        metavar="JSON",
+        help='benchmark as JSON, e.g. {"batch_sizes": [1, 32]}; a flag below overrides its key',
+    )
+    submit.add_argument("--wait", action="store_true", help="follow the job, print its numbers, download")
+    submit.add_argument(
+        "-o", "--out", metavar="DIR", type=Path, help="with --wait: artifact folder (./qaas-<job id>)"
+    )
+    submit.add_argument(
+        "--timeout",
+        metavar="S",
+        type=int,
+        help="the job's time limit in seconds (timeout_s); --wait waits 30 s longer",
+    )
+    submit.set_defaults(func=run.guarded(run.cmd_submit))
+
+
+def _jobs_parser(sub: Any, connection: argparse.ArgumentParser) -> None:
+    from qaas import submit as run
+    from qaas.contract.vocab import JobStatus
+
+    jobs = sub.add_parser("jobs", help="list, show, cancel jobs on a server; print or save their reports")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    listing = jobs_sub.add_parser("list", parents=[connection], help="the newest jobs, one line each")
+    listing.add_argument("--status", choices=[status.value for status in JobStatus])
+    listing.add_argument("--limit", type=int, default=20, help="how many (default 20; 0: all)")
+    listing.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
+    listing.set_defaults(func=run.guarded(run.cmd_jobs_list))
+    show = jobs_sub.add_parser("show", parents=[connection], help="status, progress, error, numbers")
+    show.add_argument("job_id")
+    show.add_argument("--json", action="store_true", help="the API's JSON instead of a summary")
+    show.set_defaults(func=run.guarded(run.cmd_jobs_show))
+    wait = jobs_sub.add_parser(
+        "wait", parents=[connection], help="follow a job, print its numbers, download (as submit --wait)"
+    )
+    wait.add_argument("job_id")
+    wait.add_argument(
+        "-o", "--out", metavar="DIR", type=Path, help="artifact folder (default ./qaas-<job id>)"
+    )
+    wait.add_argument("--timeout", metavar="S", type=float, help="give up after this many seconds (exit 1)")
+    wait.set_defaults(func=run.guarded(run.cmd_jobs_wait))
+    cancel = jobs_sub.add_parser("cancel", parents=[connection], help="cancel a queued or running job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(func=run.guarded(run.cmd_jobs_cancel))
+    report = jobs_sub.add_parser("report", parents=[connection], help="the full report as JSON, or its page")
+    report.add_argument("job_id")
+    report.add_argument("--html", type=Path, metavar="FILE", help="save the report page to FILE instead")
+    report.set_defaults(func=run.guarded(run.cmd_jobs_report))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The client's commands, and the others listed by name (each module parses its own arguments)."""
     parser = argparse.ArgumentParser(prog="qaas", description="Quantization as a service.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser("serve", help="API and one worker on the embedded default (SQLite), one command")
-    serve.add_argument("--host", default=os.environ.get("QAAS_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(os.environ.get("QAAS_PORT", "8000")))
-    serve.add_argument("--data-dir", default=os.environ.get("QAAS_DATA_DIR", "./var"))
-    serve.set_defaults(func=cmd_serve)
-
-    api = sub.add_parser("api", help="the HTTP API alone (QAAS_DATABASE_URL, QAAS_BROKER_URL)")
-    api.add_argument("--host", default=os.environ.get("QAAS_HOST", "127.0.0.1"))
-    api.add_argument("--port", type=int, default=int(os.environ.get("QAAS_PORT", "8000")))
-    api.add_argument("--data-dir", default=None)
-    api.set_defaults(func=cmd_api)
-
-    worker = sub.add_parser("worker", help="a Celery worker")
-    worker.add_argument(
-        "--concurrency", type=int, default=None, help="jobs at once (QAAS_WORKER_CONCURRENCY)"
-    )
-    worker.add_argument("--loglevel", default="info")
-    worker.add_argument("--data-dir", default=None)
-    # `qaas serve` passes its pid: the worker then dies with it (workers.upkeep.die_with_parent).
-    worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
-    worker.set_defaults(func=cmd_worker)
-
-    migrate = sub.add_parser("migrate", help="apply database migrations")
-    migrate.add_argument("--data-dir", default=None)
-    migrate.set_defaults(func=cmd_migrate)
-
-    from qaas import admin, offline, submit
-
-    offline.add_parser(sub)
-    admin.add_parsers(sub)
-    submit.add_parsers(sub)
+    for name, command in COMMANDS.items():
+        sub.add_parser(name, help=command.help, add_help=False)
+    connection = _connection()
+    _submit_parser(sub, connection)
+    _jobs_parser(sub, connection)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from app.core import logs  # stdlib only: every subcommand, the client ones too
+def _our_module(name: str) -> bool:
+    """A module inside qaas's own packages: its absence is a bug, not a missing extra."""
+    return "." in name and name.partition(".")[0] in ("app", "workers", "qaas")
 
-    logs.configure()  # QAAS_LOG_FORMAT: text, or json (one object per line)
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+
+def run_elsewhere(name: str, argv: Sequence[str]) -> int:
+    """Run `qaas NAME ARGV...` in its module, or say which extra to install (exit 2) when it is missing."""
+    command = COMMANDS[name]
+    needs = f"qaas {name} needs the {command.extra} extra: pip install 'qaas[{command.extra}]'"
+    if any(importlib.util.find_spec(package) is None for package in EXTRAS[command.extra]):
+        print(needs, file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        module = importlib.import_module(command.module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or _our_module(exc.name):
+            raise
+        print(needs, file=sys.stderr)
+        return USAGE_ERROR
+    return int(module.main([name, *argv]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in COMMANDS:
+        return run_elsewhere(args[0], args[1:])
+    parsed = build_parser().parse_args(args)
+    return int(parsed.func(parsed) or 0)

@@ -164,7 +164,7 @@ class Job(_Json):
     backend: str  # as asked: auto, fbgemm, x86
     backend_chosen: str | None
     progress: Progress
-    # size, latency, fidelity, accuracy, layers, warnings... (DESIGN.md section 6)
+    # size, latency, fidelity, accuracy, layers, warnings: docs/architecture.md, "The metrics document"
     metrics: dict[str, Any] | None = field(repr=False)
     artifacts: tuple[Artifact, ...]
     error: Error | None
@@ -471,7 +471,7 @@ class Client:
         idempotency_key: str | None = None,
         **extra: Any,
     ) -> Job:
-        """Submit a job (unset fields take the server's defaults: backend auto, DESIGN.md section 6).
+        """Submit a job (an unset field takes the server's default: the job contract, qaas.contract.jobs).
 
         Every submission carries an Idempotency-Key (a new one when not given), so a retry after a lost
         answer returns the same job instead of starting a second one.

@@ -1,5 +1,5 @@
-"""`qaas submit` and `qaas jobs`: the command line of the client. It talks HTTP to a server through
-qaas.client (no torch, no server code) and draws progress with rich on a terminal, plain lines elsewhere.
+"""`qaas submit` and `qaas jobs` (their flags: qaas.cli): the client's commands. They talk HTTP to a server
+through qaas.client (no torch, no server code) and draw progress with rich on a terminal, plain lines elsewhere.
 
 Exit codes: 0 the job succeeded (or was submitted, without --wait); 1 it failed, was cancelled, an upload is
 invalid or the server refused the request; 2 a usage error (arguments, missing files, a server URL that is
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-if TYPE_CHECKING:  # imported when a command runs: `qaas serve` and `qaas --help` need no httpx
+from qaas.contract.flags import FlagError, job_flags
+
+if TYPE_CHECKING:  # imported when a command runs: `qaas --help` needs no httpx
     from qaas.client import Client, Dataset, Job, JobSummary, Model
 
 TIMEOUT_GRACE_S = 30  # --wait outlasts --timeout by this much, so the server's own time limit is what shows
@@ -28,86 +29,12 @@ class UsageError(Exception):
     """Wrong arguments: exit 2."""
 
 
-def add_parsers(sub: Any) -> None:
-    connection = argparse.ArgumentParser(add_help=False)
-    connection.add_argument(
-        "--server", metavar="URL", help="the qaas URL (default: $QAAS_SERVER, else http://127.0.0.1:8000)"
-    )
-    connection.add_argument("--key", help="API key (default: $QAAS_API_KEY)")
-
-    submit = sub.add_parser(
-        "submit",
-        parents=[connection],
-        help="upload a model (and datasets) to a server and quantize it there",
-        description="Upload MODEL and the datasets, wait until the server has inspected them, submit a job; "
-        "with --wait, follow it, print its numbers and download its artifacts (checked by sha256). "
-        "Exit 0 succeeded, 1 failed, 2 usage error.",
-    )
-    submit.add_argument("model", type=Path, help="a .pt2, a TorchScript file or a zipped Hugging Face folder")
-    submit.add_argument("--mode", choices=("dynamic", "static", "qat"), default="dynamic")
-    submit.add_argument("--backend", choices=("auto", "fbgemm", "x86"), default="auto")
-    submit.add_argument("--calib", metavar="FILE", type=Path, help="calibration dataset (static)")
-    submit.add_argument("--train", metavar="FILE", type=Path, help="training dataset with labels (qat)")
-    submit.add_argument(
-        "--eval", metavar="FILE", type=Path, help="evaluation dataset (labels give an accuracy)"
-    )
-    submit.add_argument(
-        "--input-shapes", metavar="JSON", help='TorchScript only: JSON such as {"x": [null, 64]}'
-    )
-    submit.add_argument(
-        "--options", metavar="JSON", help='job options as JSON, e.g. {"exclude": ["head"], "seed": 1}'
-    )
-    submit.add_argument(
-        "--benchmark", metavar="JSON", help='benchmark as JSON, e.g. {"batch_sizes": [1, 32]}'
-    )
-    submit.add_argument("--wait", action="store_true", help="follow the job, print its numbers, download")
-    submit.add_argument(
-        "-o", "--out", metavar="DIR", type=Path, help="with --wait: artifact folder (./qaas-<job id>)"
-    )
-    submit.add_argument(
-        "--timeout",
-        metavar="S",
-        type=int,
-        help="the job's time limit in seconds (timeout_s); --wait waits 30 s longer",
-    )
-    submit.set_defaults(func=_guarded(cmd_submit))
-
-    jobs = sub.add_parser("jobs", help="list, show, cancel jobs on a server; print or save their reports")
-    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
-    listing = jobs_sub.add_parser("list", parents=[connection], help="the newest jobs, one line each")
-    listing.add_argument("--status", choices=("queued", "running", "succeeded", "failed", "cancelled"))
-    listing.add_argument("--limit", type=int, default=20, help="how many (default 20; 0: all)")
-    listing.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
-    listing.set_defaults(func=_guarded(cmd_jobs_list))
-    show = jobs_sub.add_parser("show", parents=[connection], help="status, progress, error, numbers")
-    show.add_argument("job_id")
-    show.add_argument("--json", action="store_true", help="the API's JSON instead of a summary")
-    show.set_defaults(func=_guarded(cmd_jobs_show))
-    wait = jobs_sub.add_parser(
-        "wait", parents=[connection], help="follow a job, print its numbers, download (as submit --wait)"
-    )
-    wait.add_argument("job_id")
-    wait.add_argument(
-        "-o", "--out", metavar="DIR", type=Path, help="artifact folder (default ./qaas-<job id>)"
-    )
-    wait.add_argument("--timeout", metavar="S", type=float, help="give up after this many seconds (exit 1)")
-    wait.set_defaults(func=_guarded(cmd_jobs_wait))
-    cancel = jobs_sub.add_parser("cancel", parents=[connection], help="cancel a queued or running job")
-    cancel.add_argument("job_id")
-    cancel.set_defaults(func=_guarded(cmd_jobs_cancel))
-    report = jobs_sub.add_parser("report", parents=[connection], help="the full report as JSON, or its page")
-    report.add_argument("job_id")
-    report.add_argument("--html", type=Path, metavar="FILE", help="save the report page to FILE instead")
-    report.set_defaults(func=_guarded(cmd_jobs_report))
-
-
-def _guarded(command: Callable[[argparse.Namespace, Client], int]) -> Callable[[argparse.Namespace], int]:
-    """Open the client, turn errors into a message and an exit code."""
+def guarded(command: Callable[[argparse.Namespace, Client], int]) -> Callable[[argparse.Namespace], int]:
+    """The command with an open client, its errors turned into a message and an exit code."""
 
     def run(args: argparse.Namespace) -> int:
         from qaas.client import Client, QaasError
 
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # `qaas` logs at INFO: not every request
         try:
             client = Client(args.server, api_key=args.key)
         except ValueError as exc:
@@ -323,6 +250,21 @@ def _existing(path: Path, what: str) -> Path:
     return path
 
 
+def _requested(args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The job's options and benchmark: --options and --benchmark (JSON), the job flags over them, validated
+    by the job contract (a value it refuses is a usage error, in its words); only what was asked is sent."""
+    given = {
+        "options": _json_arg(args.options, "--options"),
+        "benchmark": _json_arg(args.benchmark, "--benchmark"),
+    }
+    try:
+        flags = job_flags(args, {key: value for key, value in given.items() if value is not None})
+    except FlagError as exc:
+        raise UsageError(str(exc)) from None
+    asked = flags.model_dump(mode="json", exclude_unset=True)
+    return asked.get("options"), asked.get("benchmark")
+
+
 def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     model_path = _existing(args.model, "the model")
     data_paths = {
@@ -337,7 +279,7 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
             f"dataset_required: {args.mode} quantization needs {needed[0]} data: pass {needed[1]} FILE"
         )
     input_shapes = _json_arg(args.input_shapes, "--input-shapes")
-    options, benchmark = _json_arg(args.options, "--options"), _json_arg(args.benchmark, "--benchmark")
+    options, benchmark = _requested(args)
     if args.out is not None and not args.wait:
         raise UsageError("-o/--out needs --wait: artifacts are downloaded once the job has finished")
     display = Display()

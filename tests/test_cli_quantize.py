@@ -58,3 +58,19 @@ def test_quantize_offline_reports_a_bad_model(tmp_path: Path) -> None:
     assert "not_a_model" in done.stderr
     missing = _run(str(tmp_path / "nope.pt2"), "-o", str(tmp_path / "out"))
     assert missing.returncode == 1 and "is not a file" in missing.stderr
+
+
+def test_quantize_offline_refuses_a_value_the_job_contract_refuses(tmp_path: Path) -> None:
+    """The flags are the job contract's: a bad value is a usage error in its words, before any runner starts."""
+    model = tmp_path / "model.pt2"
+    model.write_bytes(b"never read")
+    for flags, expected in (
+        (["--seed", "-1"], "options.seed: must be >= 0, got -1"),
+        (["--qat-batch-size", "0"], "options.qat.batch_size: must be >= 1, got 0"),
+        (["--batch-sizes", "1,x"], "'1,x' is not a comma-separated list of ints"),
+        (["--weight-granularity", "per_row"], "invalid choice: 'per_row'"),
+    ):
+        done = _run(str(model), *flags, "-o", str(tmp_path / "out"))
+        assert (done.returncode, expected in done.stderr) == (2, True), (flags, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()

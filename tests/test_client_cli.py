@@ -7,6 +7,7 @@ URL, so these tests start `qaas serve` on a free port instead, as a user does.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -20,20 +21,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import httpx
 import numpy as np
 import pytest
 
+from qaas import submit
+from qaas.cli import build_parser
 from qaas.client import Client, Job, QaasConnectionError, QaasError, WaitTimeout
+from qaas.contract.jobs import BenchmarkOptions, JobOptions, QATOptions
+from qaas.contract.vocab import Backend, Mode
 
 ROOT = Path(__file__).resolve().parents[1]
 E2E = [pytest.mark.e2e, pytest.mark.slow]
 START_TIMEOUT_S = 120
 # A job that runs until cancelled: 10,000 timed runs at batch 256.
 SLOW_BENCHMARK = '{"batch_sizes": [256], "iterations": 10000}'
-FAST_BENCHMARK = '{"batch_sizes": [1, 4], "iterations": 5}'
 
 
 # --- a real server --------------------------------------------------------------------------------------
@@ -162,7 +166,8 @@ def finished(
     started = time.monotonic()
     done = run_qaas(
         served, "submit", files["mlp.pt2"], "--mode", "static", "--calib", files["calib.npz"],
-        "--eval", files["eval.npz"], "--backend", "fbgemm", "--benchmark", FAST_BENCHMARK, "--wait", "-o", out,
+        "--eval", files["eval.npz"], "--backend", "fbgemm", "--batch-sizes", "1,4", "--iterations", "5",
+        "--wait", "-o", out,
     )  # fmt: skip
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stdout + done.stderr + served.tail()
@@ -330,6 +335,8 @@ def test_usage_errors_exit_2(served: Served, files: dict[str, Path], tmp_path: P
             "submit", model, "--mode", "static", "--calib", tmp_path / "no.npz",
         ],
         "--options is not JSON": ["submit", model, "--options", "{bad"],
+        "options.seed: must be >= 0, got -1": ["submit", model, "--seed", "-1"],
+        "'1,x' is not a comma-separated list of ints": ["submit", model, "--batch-sizes", "1,x"],
         "-o/--out needs --wait": ["submit", model, "-o", tmp_path],
         "'not a url' is not an http(s) URL": ["submit", model, "--server", "not a url"],
         "is the server running?": ["submit", model, "--server", f"http://127.0.0.1:{_free_port()}"],
@@ -340,6 +347,64 @@ def test_usage_errors_exit_2(served: Served, files: dict[str, Path], tmp_path: P
     for expected, args in cases.items():
         done = run_qaas(served, *args)
         assert (done.returncode, expected in done.stderr) == (2, True), (args, done.stderr)
+
+
+# --- the job flags: the job contract's, validated by it -------------------------------------------------
+
+
+def _submit_args(*flags: str) -> argparse.Namespace:
+    return build_parser().parse_args(["submit", "model.pt2", *flags])
+
+
+def test_submit_sends_the_job_flags_given_and_nothing_else() -> None:
+    assert submit._requested(_submit_args()) == (None, None)  # the server applies the contract's defaults
+    args = _submit_args(
+        "--weight-granularity", "per_tensor", "--exclude", "head", "--exclude", "Conv2d", "--epochs", "2",
+        "--qat-batch-size", "4", "--no-quantize-embeddings", "--batch-sizes", "1,4", "--threads", "2",
+        "--options", '{"seed": 7, "qat": {"learning_rate": 0.01}}', "--benchmark", '{"iterations": 5}',
+    )  # fmt: skip
+    options, benchmark = submit._requested(args)
+    assert options == {
+        "weight_granularity": "per_tensor", "exclude": ["head", "Conv2d"], "quantize_embeddings": False, "seed": 7,
+        "qat": {"learning_rate": 0.01, "epochs": 2, "batch_size": 4},
+    }  # fmt: skip
+    assert benchmark == {"batch_sizes": [1, 4], "threads": 2, "iterations": 5}
+    assert submit._requested(_submit_args("--seed", "3", "--options", '{"seed": 7}')) == ({"seed": 3}, None)
+
+
+def test_a_value_the_contract_refuses_is_a_usage_error_in_its_words() -> None:
+    cases = {
+        "options.seed: must be >= 0, got -1": ["--seed", "-1"],
+        "benchmark.threads: must be <= 64, got 65": ["--threads", "65"],
+        "options.qat.learning_rate: must be > 0": ["--learning-rate", "0"],
+        "benchmark.batch_sizes: takes at most 8 items": ["--batch-sizes", "1,2,3,4,5,6,7,8,9"],
+        "options.bogus: is not an option here": ["--options", '{"bogus": 1}'],
+    }
+    for expected, flags in cases.items():
+        with pytest.raises(submit.UsageError) as refused:
+            submit._requested(_submit_args(*flags))
+        assert expected in str(refused.value), (flags, str(refused.value))
+
+
+def test_every_job_option_is_a_flag_with_the_contracts_choices_and_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["submit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    flags = set(re.findall(r"--[a-z][a-z-]*", text))
+    for model in (JobOptions, QATOptions, BenchmarkOptions):
+        for name, field in model.model_fields.items():
+            if name == "qat":
+                continue  # its fields are flags of their own
+            dashed = name.replace("_", "-")
+            assert {f"--{dashed}", f"--qat-{dashed}"} & flags, name
+            if get_origin(field.annotation) is Literal:
+                assert "{" + ",".join(get_args(field.annotation)) + "}" in text, name
+                assert f"(default: {field.default})" in text, name
+    for enum in (Mode, Backend):
+        assert "{" + ",".join(member.value for member in enum) + "}" in text
+    assert "(default: 1,8)" in text  # a tuple default, as its flag takes it
 
 
 # --- the client on a mock transport (no server) ---------------------------------------------------------

@@ -1,8 +1,8 @@
 """Log set-up for every qaas process: text for a person at a terminal, or one JSON object per line for a log
 pipeline (QAAS_LOG_FORMAT=json). Lines logged while a worker handles a job carry its job_id and tenant_id.
 
-Stdlib only: a small Formatter gives exactly the keys we document and is read by the client install too, which
-has no server dependencies (`qaas` calls `configure()` for every subcommand).
+Stdlib only: a small Formatter gives exactly the keys we document. The server and worker commands
+(`app/commands.py`, `workers/commands.py`) call `configure()`; the client commands do not log.
 """
 
 from __future__ import annotations

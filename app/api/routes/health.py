@@ -26,7 +26,7 @@ def healthz() -> dict[str, str]:
 def shows_details(request: Request, settings: Settings) -> bool:
     """Whether /readyz may name the workers (host names, PIDs, the runner's paths and sandbox gaps: a map for
     an attacker). With QAAS_AUTH=required, to callers with a valid key. With auth disabled the API listens on
-    loopback only unless QAAS_ALLOW_PUBLIC_NO_AUTH (qaas.cli.check_exposure), so whoever asks has the whole
+    loopback only unless QAAS_ALLOW_PUBLIC_NO_AUTH (app.commands.check_exposure), so whoever asks has the whole
     API already; with that setting a proxy in front is trusted to guard /v1 but likely leaves the probes open,
     so nobody gets them (each job's `runner` still shows its protections)."""
     if settings.auth == "disabled":
