@@ -249,7 +249,7 @@ def explain(error: ValidationError) -> str:
             message = f"needs at least {ctx.get('min_length')} item(s), e.g. (1,)"
         elif kind == "too_long":
             message = f"takes at most {ctx.get('max_length')} items"
-        elif item["loc"] and item["loc"][0] == "exclude":
+        elif "exclude" in item["loc"]:
             message = f"entry {item['input']!r} is not a layer or type name: use e.g. 'head' or 'Conv2d'"
         elif kind in ("bool_type", "bool_parsing"):
             message = f"must be true or false, got {item['input']!r}"

@@ -8,9 +8,8 @@ __all__ = ["EngineError"]
 class EngineError(Exception):
     """A problem with the user's input or request; code is stable snake_case, message says what to fix.
 
-    Codes: not_a_model, pickle_not_allowed, native_code_not_allowed, unsupported_format,
-    input_shapes_required, invalid_input_shapes, invalid_dataset, dataset_mismatch, nothing_quantized,
-    verification_failed, unsupported_combination, model_load_failed.
+    Codes: the job codes of qaas.contract.errors.ErrorCode (docs/errors.md), for example not_a_model,
+    invalid_dataset, nothing_quantized or verification_failed; a new code is added to that catalogue first.
 
     Example:
         >>> raise EngineError("input_shapes_required", "TorchScript has no shapes: pass input_shapes")
