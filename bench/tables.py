@@ -9,10 +9,12 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any
 
+from qaas.contract.formatting import TEXT
+
 __all__ = ["FAILED", "MISSING", "Table", "Target", "environment", "fmt", "markdown_header", "ratio", "times"]
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
-MISSING = "-"
+MISSING = TEXT.missing  # "-"
 FAILED = "failed"
 
 
@@ -34,8 +36,8 @@ def fmt(value: Any, digits: int = 2) -> str:
 
 
 def times(value: float | None, digits: int = 2) -> str:
-    """A ratio as '3.21x', or '-' when there is none."""
-    return MISSING if value is None else f"{fmt(value, digits)}x"
+    """A ratio as '3.21x', or '-' when there is none: as the CLIs write it (qaas.contract.formatting)."""
+    return TEXT.times(value, digits)
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

@@ -12,12 +12,14 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from qaas.contract.flags import FlagError, job_flags
+from qaas.contract.formatting import TEXT, summary_table, text_table
+from qaas.contract.metrics import JobMetrics
 
 if TYPE_CHECKING:  # imported when a command runs: `qaas --help` needs no httpx
     from qaas.client import Client, Dataset, Job, JobSummary, Model
@@ -130,7 +132,7 @@ class Display:
             quarter = 4 * sent // total if total else 4
             if quarter > shown[0] and (quarter == 4 or total > 4 << 20):  # small files: one line
                 shown[0] = quarter
-                self.line(f"uploading {path.name}: {25 * quarter}% of {_bytes(total)}")
+                self.line(f"uploading {path.name}: {25 * quarter}% of {TEXT.bytes(total)}")
 
         yield plain
 
@@ -173,72 +175,21 @@ class Display:
 # --- tables ---------------------------------------------------------------------------------------------
 
 
-def _bytes(count: float) -> str:
-    for unit in ("bytes", "kB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.2f} {unit}"
-        count /= 1000
-    raise AssertionError("unreachable")
-
-
-def table(rows: Sequence[Sequence[str]], header: Sequence[str], align: str = "") -> str:
-    """Columns padded to their widest cell; `align` has an "l" or "r" per column (default: the first
-    left, the others right, as numbers are)."""
-    body = [list(header)] + [list(row) for row in rows]
-    align = align or "l" + "r" * (len(header) - 1)
-    widths = [max(len(row[i]) for row in body) for i in range(len(header))]
-    lines = []
-    for row in body:
-        cells = [
-            cell.ljust(width) if side == "l" else cell.rjust(width)
-            for cell, width, side in zip(row, widths, align, strict=True)
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
-def _speedup(value: float | None) -> str:
-    if not value:
-        return ""
-    return f"{value:.2f}x faster" if value >= 1 else f"{1 / value:.2f}x slower"
-
-
 def headline(job: Job) -> str:
-    """The job's numbers: size, latency per batch size, fidelity, accuracy, the backend, the warnings.
+    """The job's numbers (qaas.contract.formatting): size, latency per batch size, fidelity, accuracy, then the
+    backend, auto's reason for it and the warnings.
 
     Latency compares int8 with the fp32 model as uploaded and, when the server measured it, with fp32
     compiled the way the int8 model is (TorchScript or AOTInductor): compilation alone can speed a model up.
     """
-    metrics = job.metrics or {}
-    rows: list[list[str]] = []
-    size = metrics.get("size")
-    if size:
-        ratio = f"{size['ratio']:.2f}x smaller"
-        rows.append(["size", _bytes(size["fp32_bytes"]), _bytes(size["int8_bytes"]), ratio, ""])
-    for row in metrics.get("latency") or []:
-        fp32, int8 = row["fp32_ms"]["p50"], row["int8_ms"]["p50"]
-        label = f"latency p50, batch {row['batch_size']}"
-        same = _speedup(row.get("speedup_same_build"))
-        rows.append([label, f"{fp32:.3f} ms", f"{int8:.3f} ms", _speedup(row["speedup"]), same])
-    fidelity = metrics.get("fidelity") or {}
-    if fidelity.get("sqnr_db") is not None:
-        rows.append(["SQNR (int8 vs fp32)", "", f"{fidelity['sqnr_db']:.1f} dB", "", ""])
-    if fidelity.get("cosine") is not None:
-        rows.append(["cosine (int8 vs fp32)", "", f"{fidelity['cosine']:.5f}", "", ""])
-    accuracy = metrics.get("accuracy")
-    if accuracy:
-        delta = f"{accuracy['delta']:+.2f} points"
-        rows.append(["top-1 accuracy", f"{accuracy['fp32']:.2f} %", f"{accuracy['int8']:.2f} %", delta, ""])
-    header = ["", "fp32", "int8", "change", "vs fp32 compiled alike"]
-    if not any(row[4] for row in rows):
-        header, rows = header[:4], [row[:4] for row in rows]
-    lines = [table(rows, header)] if rows else ["no metrics"]
-    chosen = job.backend_chosen or "not chosen yet"
-    lines.append(f"backend: {chosen} (asked: {job.backend})")
-    if metrics.get("backend_choice"):
-        lines.append(f"  {metrics['backend_choice']}")
-    lines += [f"warning: {warning}" for warning in metrics.get("warnings") or []]
-    return "\n".join(lines)
+    backend = f"backend: {job.backend_chosen or 'not chosen yet'} (asked: {job.backend})"
+    if not job.metrics:
+        return f"no metrics\n{backend}"
+    metrics = JobMetrics.model_validate(job.metrics)
+    lines = [*text_table(*summary_table(metrics)), backend]
+    if metrics.backend_choice:
+        lines.append(f"  {metrics.backend_choice}")
+    return "\n".join(lines + [f"warning: {warning}" for warning in metrics.warnings])
 
 
 # --- qaas submit ----------------------------------------------------------------------------------------
@@ -380,14 +331,14 @@ def cmd_jobs_list(args: argparse.Namespace, client: Client) -> int:
                 job.mode,
                 job.backend_chosen or job.backend,
                 f"{job.progress.percent:.0f}%" if job.status == "running" else "",
-                f"{job.size_ratio:.2f}x" if job.size_ratio is not None else "",
-                f"{job.speedup:.2f}x" if job.speedup is not None else "",
+                TEXT.times(job.size_ratio),
+                TEXT.times(job.speedup),
                 _age(job),
                 job.error.code if job.error else "",
             ]
         )
     header = ["id", "status", "mode", "backend", "progress", "size", "speedup", "created", "error"]
-    print(table(rows, header, align="llllrrrll"))
+    print("\n".join(text_table(header, rows, align="llllrrrll")))
     return 0
 
 

@@ -106,29 +106,12 @@ def _spec(args: argparse.Namespace) -> RunnerSpec:
 
 
 def summary(result: dict[str, Any]) -> str:
-    """The headline numbers as a small table."""
-    metrics = result["metrics"]
-    size = metrics.get("size") or {}
-    lines = [f"backend      {result['backend']}"]
-    if size:
-        lines.append(
-            f"size         {size['fp32_bytes']:,} -> {size['int8_bytes']:,} bytes ({size['ratio']:.2f}x smaller)"
-        )
-    for row in metrics.get("latency") or []:
-        lines.append(
-            f"latency b{row['batch_size']:<4} fp32 {row['fp32_ms']['p50']:.3f} ms -> int8 {row['int8_ms']['p50']:.3f} ms "
-            f"({row['speedup']:.2f}x)"
-        )
-    fidelity = metrics.get("fidelity") or {}
-    if fidelity:
-        lines.append(f"fidelity     cosine {fidelity.get('cosine')}, SQNR {fidelity.get('sqnr_db')} dB")
-    accuracy = metrics.get("accuracy") or {}
-    if accuracy:
-        lines.append(
-            f"accuracy     fp32 {accuracy.get('fp32')} -> int8 {accuracy.get('int8')} ({accuracy.get('delta')} points)"
-        )
-    lines += [f"warning      {w}" for w in metrics.get("warnings") or []]
-    return "\n".join(lines)
+    """The backend, then the numbers as `qaas submit` prints them (qaas.contract.formatting)."""
+    from qaas.contract.formatting import summary_lines
+    from qaas.contract.metrics import JobMetrics
+
+    metrics = JobMetrics.model_validate(result["metrics"])  # the engine's documents do (tests/engine)
+    return "\n".join([f"backend      {result['backend']}", *summary_lines(metrics)])
 
 
 def _relay(stage: str | None, percent: float | None, message: str | None) -> bool:

@@ -28,6 +28,8 @@ from app.services import quotas
 from app.services.datasets import ready_dataset
 from app.services.models import ready_model
 from app.services.pagination import paginate
+from qaas.contract.formatting import headline_latency
+from qaas.contract.metrics import JobMetrics as MetricsDocument
 from qaas.contract.shapes import check_shapes_match
 from qaas.contract.support import refusal
 from qaas.contract.vocab import ACTIVE, DataRole, JobStatus, Mode
@@ -451,19 +453,19 @@ def succeed_job(
 
 
 def _metrics_row(job_id: str, metrics: dict[str, Any]) -> JobMetrics:
-    """The metrics document, with its headline numbers as columns to compare jobs in SQL."""
-    size = metrics.get("size") or {}
-    fidelity = metrics.get("fidelity") or {}
-    latency = metrics.get("latency") or []
-    first = next((row for row in latency if row.get("batch_size") == 1), latency[0] if latency else {})
+    """The metrics document, with its headline numbers as columns to compare jobs in SQL (the worker has
+    validated it: workers/tasks.py; this raises on one that was not)."""
+    document = MetricsDocument.model_validate(metrics)
+    size, fidelity, accuracy = document.size, document.fidelity, document.accuracy
+    latency = headline_latency(document)  # batch 1, else the first batch size measured
     return JobMetrics(
         job_id=job_id,
-        fp32_bytes=size.get("fp32_bytes"),
-        int8_bytes=size.get("int8_bytes"),
-        size_ratio=size.get("ratio"),
-        speedup=first.get("speedup"),
-        sqnr_db=fidelity.get("sqnr_db"),
-        cosine=fidelity.get("cosine"),
-        accuracy_delta=(metrics.get("accuracy") or {}).get("delta"),
+        fp32_bytes=size.fp32_bytes,
+        int8_bytes=size.int8_bytes,
+        size_ratio=size.ratio,
+        speedup=latency.speedup if latency else None,
+        sqnr_db=fidelity.sqnr_db,
+        cosine=fidelity.cosine,
+        accuracy_delta=accuracy.delta if accuracy else None,
         data=metrics,
     )

@@ -8,17 +8,21 @@ from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from app.core.db import session_scope
 from app.core.storage import get_storage
+from app.models import JobMetrics as MetricsRow
 from app.services import charts, reports
 from app.services import jobs as job_service
-from tests.api.conftest import make_ready_model, upload
+from qaas.contract.formatting import PAGE, headline, worst_layers
+from qaas.contract.metrics import JobMetrics
+from tests.api.conftest import job_metrics, make_ready_model, upload
 
 HOSTILE = "<script>alert(1)</script>"
 
-# What a static job on a ResNet-18 reports (DESIGN.md section 6), plus an auto-mode comparison and a layer whose
-# name came from a hostile upload.
+# What a static job on a ResNet-18 reports (docs/architecture.md#the-metrics-document), plus an auto-mode
+# comparison and a layer whose name came from a hostile upload.
 METRICS: dict[str, Any] = {
     "size": {
         "fp32_bytes": 46_830_571,
@@ -166,20 +170,62 @@ def test_report_page_shows_the_numbers_charts_and_escapes_values(
 
 def test_report_page_without_optional_parts(client: TestClient, service_env: Path) -> None:
     job_id = submit(client, make_ready_model(client))
-    finish_job(
-        job_id,
-        service_env,
-        {
-            "size": {"fp32_bytes": 4000, "int8_bytes": 1000, "ratio": 4.0},
-            "latency": [],
-            "layers": {"per_layer": []},
-        },
-        backend="fbgemm",
-    )
+    # The least a document holds (qaas.contract.metrics.JobMetrics): size, latency (none measured), fidelity.
+    least = job_metrics(ratio=4.0) | {"latency": [], "layers": {"quantized": 2, "float": 0, "per_layer": []}}
+    finish_job(job_id, service_env, least, backend="fbgemm")
     page = client.get(f"/v1/jobs/{job_id}/report.html").text
     assert "no per-layer data" in page and "no latency measurements" in page
-    assert 'id="verified"' not in page
+    assert 'id="verified"' not in page and 'id="unreadable"' not in page
     assert "4.00×" in page and "<svg" not in page and "Backend choice" not in page
+
+
+def _store_metrics(job_id: str, data: Any) -> None:
+    """Overwrite a finished job's stored document, as a row written before the contract may hold one."""
+    with session_scope() as session:
+        session.execute(update(MetricsRow).where(MetricsRow.job_id == job_id).values(data=data))
+
+
+def test_report_page_of_a_document_that_does_not_validate(client: TestClient, service_env: Path) -> None:
+    """An unreadable optional part is left out and named; without a readable size, latency and fidelity the
+    page shows no numbers, says why, and still shows what the job itself holds (a 200, never a 500)."""
+    job_id = submit(client, make_ready_model(client))
+    finish_job(job_id, service_env, METRICS)
+    _store_metrics(job_id, METRICS | {"accuracy": {"fp32": "high"}, "verification": []})
+    page = client.get(f"/v1/jobs/{job_id}/report.html")
+    assert page.status_code == 200
+    assert "Parts of the metrics left out" in page.text
+    assert "metrics.accuracy.int8: Field required" in page.text and "metrics.verification: " in page.text
+    assert "3.97×" in page.text and "4.02×" in page.text and page.text.count("<svg") == 2
+    assert " pp<" not in page.text and 'id="verified"' not in page.text  # the accuracy card is left out
+
+    _store_metrics(job_id, {"size": {"fp32_bytes": 100, "int8_bytes": 25}, "latency": "fast"})
+    page = client.get(f"/v1/jobs/{job_id}/report.html")
+    assert page.status_code == 200
+    assert "Metrics not shown" in page.text and "so its numbers are not shown" in page.text
+    for problem in (
+        "metrics.size.ratio: Field required",
+        "metrics.latency: ",
+        "metrics.fidelity: Field required",
+    ):
+        assert problem in page.text
+    assert (
+        'class="cards"' not in page.text and "<svg" not in page.text and 'id="environment"' not in page.text
+    )
+    assert 'href="artifacts/model.int8.ts"' in page.text and 'id="load-snippet"' in page.text
+    assert 'href="report"' in page.text  # the document as stored
+
+
+def test_read_metrics_names_at_most_a_few_problems() -> None:
+    metrics, problems = reports.read_metrics(METRICS)
+    assert metrics is not None and problems == [] and metrics.size.ratio == METRICS["size"]["ratio"]
+    bad_layers = [{"name": f"l{i}"} for i in range(500)]
+    metrics, problems = reports.read_metrics(METRICS | {"layers": {"per_layer": bad_layers}})
+    assert metrics is not None and metrics.layers is None and metrics.accuracy is not None
+    assert len(problems) == reports.MAX_PROBLEMS + 1 and problems[-1].startswith("and ")
+    unreadable: list[Any] = [None, [], "metrics", {"fidelity": METRICS["fidelity"]}]
+    for broken in unreadable:
+        metrics, problems = reports.read_metrics(broken)
+        assert metrics is None and problems and all(p.startswith("metrics") for p in problems), problems
 
 
 def test_unknown_job_and_model_are_404_with_the_error_schema(client: TestClient) -> None:
@@ -273,26 +319,41 @@ def test_routes_declare_the_error_schema(client: TestClient) -> None:
             assert schema["$ref"].endswith("/ErrorBody")
 
 
+def _document(**parts: Any) -> JobMetrics:
+    return JobMetrics.model_validate(job_metrics() | parts)
+
+
 def test_chart_geometry_edge_cases() -> None:
     assert charts.nice_scale(0, 13.91) == (0, 15, [0, 5, 10, 15])
     assert charts.nice_scale(-4.9, 38.5, 5)[:2] == (-10, 40)
     assert charts.nice_scale(0, 0) == (0, 1, [0, 0.25, 0.5, 0.75, 1])
-    many = {
-        "layers": {
+    many = _document(
+        layers={
+            "quantized": 51,
+            "float": 0,
             "per_layer": [{"name": f"l{i}", "type": "Linear", "sqnr_db": 60 - i} for i in range(50)]
-            + [{"name": "odd", "type": "ReLU", "sqnr_db": None}, {"name": "nan", "sqnr_db": float("nan")}]
+            + [{"name": "nan", "type": "ReLU", "sqnr_db": float("nan")}],
         }
-    }
-    chart = reports.layer_chart(many)
+    )
+    chart = reports.layer_chart(worst_layers(many))
     assert chart is not None
     bars = [r for r in chart.rects if "swatch" not in r.css]
     assert len(bars) == reports.MAX_LAYER_BARS and bars[0].title == "l49 (Linear): 11.0 dB"
     assert all(b.width >= 0 and b.height > 0 for b in bars)
-    slower = {
-        "latency": [{"batch_size": 4, "fp32_ms": {"p50": 1.0}, "int8_ms": {"p50": 1.25}, "speedup": 0.8}]
-    }
-    latency = reports.latency_chart(slower)
+    nan_last = reports.layer_chart(worst_layers(many)[-3:])
+    assert nan_last is not None and [t.text for t in nan_last.texts if t.css == "value"][-1] == "n/a"
+    slower = _document(
+        latency=[
+            {
+                "batch_size": 4,
+                "threads": 1,
+                "fp32_ms": {"p50": 1.0, "p95": 1.1},
+                "int8_ms": {"p50": 1.25, "p95": 1.3},
+                "speedup": 0.8,
+            }
+        ]
+    )
+    latency = reports.latency_chart(slower.latency)
     assert latency is not None and any(t.text == "int8 0.80× slower" for t in latency.texts)
-    assert [c.label for c in reports.headline_cards(slower)] == ["Slower"]
-    assert reports.latency_chart({"latency": [{"batch_size": 1, "fp32_ms": "fast"}]}) is None
-    assert reports.headline_cards({"size": "big", "fidelity": [], "accuracy": None}) == []
+    assert [c.label for c in headline(slower, PAGE)] == ["Smaller", "Slower", "Output cosine"]
+    assert reports.latency_chart([]) is None and reports.layer_chart([]) is None

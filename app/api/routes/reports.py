@@ -23,6 +23,7 @@ from app.schemas.jobs import BackendOut
 from app.schemas.reports import ModelJobOut
 from app.services import reports as service
 from app.services.jobs import artifacts_of
+from qaas.contract.formatting import PAGE
 
 router = APIRouter(route_class=ReleasingRoute, responses=error_responses())
 
@@ -59,14 +60,14 @@ def templates() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(
-        times=service.fmt_times,
-        db=service.fmt_db,
-        cosine=service.fmt_cosine,
-        pp=service.fmt_pp,
-        percent=service.fmt_percent,
-        ms=service.fmt_ms,
-        bytes=service.fmt_bytes,
-        cell=service.fmt_value,
+        times=PAGE.times,
+        db=PAGE.db,
+        cosine=PAGE.cosine,
+        pp=PAGE.pp,
+        percent=PAGE.percent,
+        ms=PAGE.ms,
+        bytes=PAGE.bytes,
+        cell=PAGE.cell,
     )
     return env
 
