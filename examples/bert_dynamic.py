@@ -88,17 +88,19 @@ def summary(job: Job) -> str:
     if job.status != "succeeded" or not job.metrics:
         error = f"{job.error.code}: {job.error.message}" if job.error else ""
         return f"job {job.id} {job.status}: {error}"
-    size, fidelity, layers = job.metrics["size"], job.metrics["fidelity"], job.metrics["layers"]
+    metrics = job.metrics  # typed: qaas.contract.metrics.JobMetrics
+    size, fidelity = metrics.size, metrics.fidelity
+    quantized = metrics.layers.quantized if metrics.layers else "?"
     lines = [
-        f"job {job.id}: dynamic int8, backend {job.backend_chosen}, {layers['quantized']} layers in int8",
-        f"size      fp32 {size['fp32_bytes'] / 1e6:8.2f} MB   int8 {size['int8_bytes'] / 1e6:8.2f} MB   "
-        f"{size['ratio']:.2f}x smaller",
-        f"cosine    {fidelity['cosine']:.5f}   SQNR {fidelity['sqnr_db']:.1f} dB   (int8 vs fp32 hidden states)",
+        f"job {job.id}: dynamic int8, backend {job.backend_chosen}, {quantized} layers in int8",
+        f"size      fp32 {size.fp32_bytes / 1e6:8.2f} MB   int8 {size.int8_bytes / 1e6:8.2f} MB   "
+        f"{size.ratio:.2f}x smaller",
+        f"cosine    {fidelity.cosine:.5f}   SQNR {fidelity.sqnr_db:.1f} dB   (int8 vs fp32 hidden states)",
     ]
-    for row in job.metrics["latency"]:
+    for row in metrics.latency:
         lines.append(
-            f"latency   batch {row['batch_size']:<3} fp32 {row['fp32_ms']['p50']:8.3f} ms   "
-            f"int8 {row['int8_ms']['p50']:8.3f} ms   {row['speedup']:.2f}x"
+            f"latency   batch {row.batch_size:<3} fp32 {row.fp32_ms.p50:8.3f} ms   "
+            f"int8 {row.int8_ms.p50:8.3f} ms   {row.speedup or 0:.2f}x"
         )
     return "\n".join(lines)
 

@@ -144,10 +144,11 @@ def accuracy_table(jobs: list[Job]) -> str:
             error = f"{job.error.code}: {job.error.message}" if job.error else ""
             lines.append(f"{job.mode:<7} {job.status}: {error}")
             continue
-        acc, size, latency = job.metrics["accuracy"], job.metrics["size"], job.metrics["latency"][0]
+        acc, size, latency = job.metrics.accuracy, job.metrics.size, job.metrics.latency[0]
+        assert acc is not None, "the evaluation set has labels: the job measured accuracy"
         lines.append(
-            f"{job.mode:<7} {job.backend_chosen or '':<8} {acc['fp32']:>7.2f} % {acc['int8']:>7.2f} % "
-            f"{acc['delta']:>+7.2f} {size['ratio']:>6.2f}x {latency['speedup']:>9.2f}x"
+            f"{job.mode:<7} {job.backend_chosen or '':<8} {acc.fp32:>7.2f} % {acc.int8:>7.2f} % "
+            f"{acc.delta:>+7.2f} {size.ratio:>6.2f}x {latency.speedup or 0:>9.2f}x"
         )
     return "\n".join(lines)
 

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from qaas.contract.flags import FlagError, job_flags
 from qaas.contract.formatting import TEXT, summary_table, text_table
-from qaas.contract.metrics import JobMetrics
 
 if TYPE_CHECKING:  # imported when a command runs: `qaas --help` needs no httpx
     from qaas.client import Client, Dataset, Job, JobSummary, Model
@@ -185,7 +184,7 @@ def headline(job: Job) -> str:
     backend = f"backend: {job.backend_chosen or 'not chosen yet'} (asked: {job.backend})"
     if not job.metrics:
         return f"no metrics\n{backend}"
-    metrics = JobMetrics.model_validate(job.metrics)
+    metrics = job.metrics
     lines = [*text_table(*summary_table(metrics)), backend]
     if metrics.backend_choice:
         lines.append(f"  {metrics.backend_choice}")

@@ -200,7 +200,7 @@ def test_submit_wait_prints_the_numbers_and_downloads_checked_artifacts(finished
         "top-1 accuracy",
     ):  # fmt: skip
         assert label in rows, done.stdout
-    ratio = job.metrics["size"]["ratio"]
+    ratio = job.metrics.size.ratio
     assert rows["size"].endswith(f"{ratio:.2f}x smaller")
     assert "backend: fbgemm (asked: fbgemm)" in done.stdout
     assert 'torch.jit.load("model.int8.ts")' in done.stdout
@@ -234,7 +234,7 @@ def test_jobs_list_show_report(served: Served, finished: dict[str, Any], tmp_pat
     ]
     line = next(line for line in lines if line.startswith(job.id))
     assert line.split()[1:4] == ["succeeded", "static", "fbgemm"]
-    assert f"{job.metrics['size']['ratio']:.2f}x" in line
+    assert f"{job.metrics.size.ratio:.2f}x" in line
     assert job.id not in run_qaas(served, "jobs", "list", "--status", "failed").stdout
     as_json = run_qaas(served, "jobs", "list", "--limit", "1", "--json")
     assert len(json.loads(as_json.stdout)) == 1
@@ -248,7 +248,7 @@ def test_jobs_list_show_report(served: Served, finished: dict[str, Any], tmp_pat
     report = run_qaas(served, "jobs", "report", job.id)
     assert report.returncode == 0, report.stderr
     body = json.loads(report.stdout)
-    assert body["job_id"] == job.id and body["metrics"]["size"] == job.metrics["size"]
+    assert body["job_id"] == job.id and body["metrics"]["size"] == job["metrics"]["size"]
     page = tmp_path / "pages" / "report.html"
     saved = run_qaas(served, "jobs", "report", job.id, "--html", page)
     assert saved.returncode == 0 and f"wrote {page}" in saved.stdout
