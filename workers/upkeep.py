@@ -27,7 +27,8 @@ from app.core import queue
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.services import reaper
-from workers.sandbox import PR_SET_PDEATHSIG, RunnerLimits, _prctl, sandbox_gaps, sandbox_report
+from workers.sandbox import RunnerLimits, sandbox_gaps, sandbox_report
+from workers.sandbox.syscalls import PR_SET_PDEATHSIG, prctl
 
 log = logging.getLogger("qaas.worker")
 
@@ -50,7 +51,7 @@ def die_with_parent(parent_pid: int) -> None:
     the job claimed until its lease ran out. The runners die either way (their own PR_SET_PDEATHSIG is SIGKILL).
     """
     if sys.platform.startswith("linux"):
-        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     # Checked after arming: a parent that died before has already re-parented this process, with no signal.
     if os.getppid() != parent_pid:
         sys.exit(f"qaas worker: the process that started it (pid {parent_pid}) is gone; exiting")

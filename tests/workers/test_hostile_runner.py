@@ -34,7 +34,13 @@ OWN_BYTES = b"the attacker's own file"
 RESULT = {
     "backend": "fbgemm",
     "artifacts": [{"name": "model.int8.ts", "file": "model.int8.ts", "format": "torchscript"}],
-    "metrics": {"warnings": []},
+    # The least a runner's metrics must hold (qaas.contract.metrics.JobMetrics): the job fails otherwise.
+    "metrics": {
+        "size": {"fp32_bytes": 1, "int8_bytes": 1, "ratio": 1.0},
+        "latency": [],
+        "fidelity": {"sqnr_db": 40.0, "cosine": 1.0, "max_abs_error": 0.0},
+        "warnings": [],
+    },
     "load_snippet": "",
     "manifest": {},
 }

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import fail_or_skip, processes_in, traversable
 from workers import sandbox
-from workers.sandbox import PROTECTIONS, RunnerLimits
+from workers.sandbox import PROTECTIONS, RunnerLimits, policy, syscalls
 from workers.supervise import run_runner, runner_env, supervise
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,10 +172,12 @@ WORKER = """
 import json, os, subprocess, sys
 from pathlib import Path
 from workers import sandbox
-from workers.supervise import runner_env
 
 def child(limits, whose="worker"):
     work = Path(sys.argv[1])
+    # A runner's environment, without workers.supervise.runner_env: this Python has no pydantic for the job
+    # contract that workers.supervise imports.
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
     pid = os.getpid() if whose == "worker" else "os.getppid()"  # the worker, or the runner's trampoline
     code = (
         "import json, os\\n"
@@ -184,7 +186,7 @@ def child(limits, whose="worker"):
         "except OSError as exc:\\n"
         "    print(json.dumps(type(exc).__name__))\\n"
     )
-    proc, _ = sandbox.spawn([sys.executable, "-c", code], work_dir=work, env=runner_env(1, work), limits=limits)
+    proc, _ = sandbox.spawn([sys.executable, "-c", code], work_dir=work, env=env, limits=limits)
     return json.loads(proc.communicate(timeout=60)[0].splitlines()[-1])
 
 # No Landlock, no user namespace, no PID namespace (whose own /proc would hide the worker anyway).
@@ -202,7 +204,7 @@ def test_worker_environment_unreadable_after_harden(public_dir: Path) -> None:
     is played by `nobody` with the system Python; the runner then has the same uid as its worker."""
     python, user = sys.executable, None
     if os.geteuid() == 0:
-        if not SYSTEM_PYTHON.exists() or not sandbox._readable_by(SYSTEM_PYTHON, 65534, 65534):
+        if not SYSTEM_PYTHON.exists() or not policy._readable_by(SYSTEM_PYTHON, 65534, 65534):
             pytest.skip("no Python that nobody can start (/usr/bin/python3) to play a non-root worker")
         python, user = str(SYSTEM_PYTHON), 65534
     work = public_dir / "work"
@@ -314,7 +316,7 @@ time.sleep(120)
 @pytest.fixture
 def subreaper() -> Iterator[None]:
     """Orphans come back to this process (not to a container's init that may never reap them)."""
-    libc = sandbox._libc()
+    libc = syscalls.libc()
     libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     yield
     libc.prctl(36, 0, 0, 0, 0)
@@ -362,7 +364,7 @@ def test_runner_dies_with_its_worker(tmp_path: Path, subreaper: None) -> None:
 def test_root_worker_runs_the_child_as_nobody_with_a_process_limit(public_dir: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("the worker is not root: the runner keeps the worker's user")
-    if not SYSTEM_PYTHON.exists() or not sandbox._readable_by(SYSTEM_PYTHON, 65534, 65534):
+    if not SYSTEM_PYTHON.exists() or not policy._readable_by(SYSTEM_PYTHON, 65534, 65534):
         pytest.skip("no Python that nobody can start (/usr/bin/python3)")
     work = public_dir / "work"
     code = """
@@ -452,12 +454,13 @@ def test_limits_have_floors_and_come_from_settings() -> None:
 DEGRADED = """
 import errno, json, os
 from workers import sandbox
+from workers.sandbox import landlock, syscalls
 
 def refused(flags):
     raise OSError(errno.EPERM, "unshare: Operation not permitted")  # Docker's default seccomp profile
 
-sandbox._unshare = refused
-sandbox.landlock_abi = lambda: 0  # a kernel without Landlock
+syscalls.unshare = refused
+landlock.landlock_abi = lambda: 0  # a kernel without Landlock
 plan = sandbox.SandboxPlan(parent_pid=os.getppid(), netns=True, landlock=True, landlock_net=True)
 plan.rlimits = {"rlimit_as": [2 << 30, 2 << 30], "rlimit_cpu": [60, 65]}
 in_force, gaps = sandbox.apply_plan(plan)

@@ -1,6 +1,6 @@
-"""The runner's seccomp filter (workers/seccomp.py), with real processes: each check runs in a fresh child that
-sets no_new_privs, installs the filter and reports what the kernel answered, so the test process itself is
-never filtered. The filter's program is also run through a small classic-BPF interpreter for both
+"""The runner's seccomp filter (workers/sandbox/seccomp.py), with real processes: each check runs in a fresh
+child that sets no_new_privs, installs the filter and reports what the kernel answered, so the test process
+itself is never filtered. The filter's program is also run through a small classic-BPF interpreter for both
 architectures, so the aarch64 table is exercised on an x86_64 machine too."""
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import fail_or_skip
-from workers import seccomp
+from workers.sandbox import seccomp
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # Run in the child: `python -c PROBE MODE`, MODE one of filtered, unfiltered, torch, no_nnp.
 PROBE = r"""
 import ctypes, errno, json, os, platform, subprocess, sys, threading
-from workers import seccomp
+from workers.sandbox import seccomp
 
 mode = sys.argv[1]
 libc = ctypes.CDLL(None, use_errno=True)

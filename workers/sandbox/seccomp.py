@@ -14,7 +14,9 @@ wide and version-dependent set of calls, and what matters here is closing the kn
 - answers clone3 with ENOSYS: its flags sit behind a pointer a filter cannot read, and glibc (pthread_create,
   posix_spawn) then falls back to clone(), which is checked. Docker's default profile does the same.
 
-Landlock's own calls (landlock_*) stay allowed, so the filter may be installed before or after Landlock.
+Landlock's own calls (landlock_*) stay allowed, so the filter may be installed before or after Landlock. The
+trampoline (workers/sandbox/trampoline.py) installs it last, before exec; docs/security.md ("Seccomp filter")
+says what it refuses and why.
 Syscall numbers: x86_64 from arch/x86/entry/syscalls/syscall_64.tbl, aarch64 from the generic table
 (include/uapi/asm-generic/unistd.h, scripts/syscall.tbl); tests/workers/test_seccomp.py checks them against
 this machine's headers.
