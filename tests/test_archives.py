@@ -445,7 +445,7 @@ def test_safetensors_are_recognised_by_content_too(tmp_path: Path) -> None:
 
 
 def test_a_large_header_is_checked_as_it_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("qaas.contract.archives._FULL_PARSE_MAX", 1000)
+    monkeypatch.setattr("qaas.contract.archives.safetensors_header._FULL_PARSE_MAX", 1000)
     header = {f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]} for i in range(2000)}
     path = tmp_path / "w.safetensors"
     path.write_bytes(safetensors_bytes(header, bytes(4)))

@@ -13,16 +13,64 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import queue
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import IO
+from pathlib import Path
+from typing import IO, Literal
 
+BENCH_LOCK_NAME = "qaas-bench.lock"
 MAX_REQUEST_BYTES = 64
 # Requests waiting to be answered: a runner that writes faster than the worker answers is slowed by its pipe.
 MAX_PENDING = 64
+
+
+# A lock file path, an open descriptor of one, None for default_bench_lock(), False for no lock at all.
+BenchLock = Path | str | int | None | Literal[False]
+log = logging.getLogger("qaas.worker")
+
+
+def default_bench_lock() -> Path:
+    """The host's benchmark lock file when the caller names none: the same file the engine falls back to
+    when it runs outside a runner, so that both kinds of benchmark take turns."""
+    return Path(tempfile.gettempdir()) / BENCH_LOCK_NAME
+
+
+def open_bench_lock(lock: BenchLock) -> int | None:
+    """A new open file description of the lock file for one runner, or None (logged) when there is none.
+
+    Each runner needs its own description: flock locks belong to descriptions, so runners sharing one would
+    not exclude each other. A descriptor given by the caller is reopened through /proc for that reason.
+    """
+    if lock is False:
+        return None
+    if isinstance(lock, int):
+        path, nofollow = Path(f"/proc/self/fd/{lock}"), 0  # a link by nature: the caller's own descriptor
+    else:
+        path, nofollow = Path(lock or default_bench_lock()), os.O_NOFOLLOW
+    fd, problem = None, ""
+    # flock needs no write access; O_CREAT only when the file is missing (protected_regular refuses it on
+    # another user's file in a sticky /tmp).
+    for flags in (os.O_RDONLY, os.O_RDONLY | os.O_CREAT):
+        try:
+            fd = os.open(path, flags | nofollow | os.O_CLOEXEC, 0o666)
+            break
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    if fd is not None:
+        # A lock file is empty and regular: anything else (a link planted in a shared /tmp) is not ours.
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+            return fd
+        os.close(fd)
+        problem = "it is not an empty regular file"
+    log.warning("benchmark lock %s cannot be used (%s): this runner benchmarks unlocked", path, problem)
+    return None
 
 
 class LockBroker:

@@ -11,20 +11,18 @@ import os
 import queue as queue_mod
 import select
 import signal
-import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 import workers
 from qaas.contract.jobs import RunnerSpec
-from workers.benchlock import LockBroker
+from workers.benchlock import BenchLock, LockBroker, open_bench_lock
 from workers.sandbox import RunnerLimits, spawn
 
 log = logging.getLogger("qaas.worker")
@@ -38,7 +36,6 @@ _SOURCE_ROOT = str(Path(workers.__file__).resolve().parent.parent)
 # (workers.engine.bench.host_lock; the engine is not imported here: it would import torch into the worker).
 # The worker holds the flock itself: nothing the runner leaves behind can keep it (docs/security.md).
 BENCH_LOCK_FD_ENV = "QAAS_BENCH_LOCK_FD"
-BENCH_LOCK_NAME = "qaas-bench.lock"
 # How long a runner may wait for the lock before it benchmarks without it, and hold it in all.
 BENCH_LOCK_WAIT_S = 600.0
 BENCH_LOCK_HOLD_S = 900.0
@@ -55,9 +52,6 @@ INSPECTION_TIME_LIMIT_ADVICE = (
 )
 # The longest protocol line read from a runner (a result with per-layer metrics is far below it).
 MAX_LINE_BYTES = 32 * 1024 * 1024
-
-# A lock file path, an open descriptor of one, None for default_bench_lock(), False for no lock at all.
-BenchLock = Path | str | int | None | Literal[False]
 
 
 @dataclass
@@ -128,44 +122,6 @@ def _runner_paths(args: list[str], work_dir: Path) -> tuple[list[Path], list[Pat
     return reads, writes
 
 
-def default_bench_lock() -> Path:
-    """The host's benchmark lock file when the caller names none: the same file the engine falls back to
-    when it runs outside a runner, so that both kinds of benchmark take turns."""
-    return Path(tempfile.gettempdir()) / BENCH_LOCK_NAME
-
-
-def _open_bench_lock(lock: BenchLock) -> int | None:
-    """A new open file description of the lock file for one runner, or None (logged) when there is none.
-
-    Each runner needs its own description: flock locks belong to descriptions, so runners sharing one would
-    not exclude each other. A descriptor given by the caller is reopened through /proc for that reason.
-    """
-    if lock is False:
-        return None
-    if isinstance(lock, int):
-        path, nofollow = Path(f"/proc/self/fd/{lock}"), 0  # a link by nature: the caller's own descriptor
-    else:
-        path, nofollow = Path(lock or default_bench_lock()), os.O_NOFOLLOW
-    fd, problem = None, ""
-    # flock needs no write access; O_CREAT only when the file is missing (protected_regular refuses it on
-    # another user's file in a sticky /tmp).
-    for flags in (os.O_RDONLY, os.O_RDONLY | os.O_CREAT):
-        try:
-            fd = os.open(path, flags | nofollow | os.O_CLOEXEC, 0o666)
-            break
-        except OSError as exc:
-            problem = exc.strerror or str(exc)
-    if fd is not None:
-        # A lock file is empty and regular: anything else (a link planted in a shared /tmp) is not ours.
-        info = os.fstat(fd)
-        if stat.S_ISREG(info.st_mode) and info.st_size == 0:
-            return fd
-        os.close(fd)
-        problem = "it is not an empty regular file"
-    log.warning("benchmark lock %s cannot be used (%s): this runner benchmarks unlocked", path, problem)
-    return None
-
-
 def run_runner(
     args: list[str],
     *,
@@ -233,7 +189,7 @@ def supervise(
     env = runner_env(threads, work_dir)
     broker = None
     if bench_lock is not False:
-        broker = LockBroker(_open_bench_lock(bench_lock), wait_s=bench_lock_wait_s, hold_s=bench_lock_hold_s)
+        broker = LockBroker(open_bench_lock(bench_lock), wait_s=bench_lock_wait_s, hold_s=bench_lock_hold_s)
         env[BENCH_LOCK_FD_ENV] = broker.env_value
     runner = _Runner(broker)
     try:
@@ -251,17 +207,9 @@ def supervise(
                 stderr=stderr,
                 pass_fds=broker.runner_fds if broker else (),
             )
-            outcome = _follow(
-                proc,
-                stderr,
-                timeout_s,
-                relay,
-                heartbeat_s,
-                limits,
-                dict(plan.gaps),
-                runner,
-                time_limit_advice,
-            )
+            said = RunnerOutcome(sandbox_gaps=dict(plan.gaps))
+            follower = _Follower(proc, runner, relay, heartbeat_s, timeout_s, time_limit_advice, said)
+            outcome = follower.run(stderr, limits)
     finally:
         runner.finish()
     if broker is not None:
@@ -311,99 +259,143 @@ class _Runner:
                 self.broker.close()
 
 
-def _follow(
-    proc: subprocess.Popen[str],
+@dataclass
+class _Follower:
+    """One runner followed to its end through its protocol lines: progress relayed, heartbeats sent while it
+    says nothing, the relay's request to stop and the wall-clock deadline obeyed; what it said gathers in
+    `outcome`."""
+
+    proc: subprocess.Popen[str]
+    runner: _Runner
+    relay: ProgressRelay | None
+    heartbeat_s: float
+    timeout_s: float
+    advice: str  # what the user can do about the wall-clock limit
+    outcome: RunnerOutcome  # what the runner said so far: at first only the gaps spawn reported
+    lines: queue_mod.Queue[str | None] = field(default_factory=queue_mod.Queue)
+    first: bool = True  # no line yet: the next one is the trampoline's
+    last_beat: float = field(default_factory=time.monotonic)
+    deadline: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.timeout_s
+
+    def run(self, stderr: IO[bytes], limits: RunnerLimits) -> RunnerOutcome:
+        """Follow the runner until it exits, or kill it (past its deadline, or stopped), and tell what became of
+        it. Its trampoline is reaped on return; supervise's _Runner.finish waits for the rest."""
+        proc = self.proc
+        reader = threading.Thread(target=_read_lines, args=(proc.stdout, self.lines), daemon=True)
+        reader.start()
+        if self.runner.broker is not None:
+            self.runner.broker.start(wake=lambda: self.lines.put(""))  # an empty line: look at the lock now
+        try:
+            ended = self.follow_lines()
+            if ended is not None:
+                return ended
+            cpu_s = _wait(proc, self.deadline)
+            if proc.returncode is None:
+                return self.timed_out()
+        finally:
+            if proc.poll() is None:
+                _kill(proc, self.runner)
+            reader.join(timeout=5)
+        return _judge(self.outcome, proc.returncode, cpu_s, stderr, limits)
+
+    def follow_lines(self) -> RunnerOutcome | None:
+        """Relay lines until the runner's stdout ends (None), or kill it: past its deadline, or asked to stop."""
+        while (line := self._next_line()) is not None:
+            if time.monotonic() >= self.deadline:
+                return self.timed_out()
+            stop = self._take(line)
+            self.first = self.first and not line
+            if stop or self._heartbeat():
+                _kill(self.proc, self.runner)
+                return _ended(self.outcome, stopped=True)
+        return None
+
+    def timed_out(self) -> RunnerOutcome:
+        """Kill the runner for running past its wall-clock limit."""
+        _kill(self.proc, self.runner)
+        return _ended(
+            self.outcome,
+            error_code="time_limit",
+            error_message=_wall_clock_message(self.timeout_s, self.advice),
+        )
+
+    def _next_line(self) -> str | None:
+        """The runner's next line; "" when none came in time or the lock broker woke us; None once stdout ends."""
+        broker = self.runner.broker
+        # While the runner waits for the lock or holds it, mind its limits often.
+        longest = LOCK_POLL_S if broker is not None and broker.busy else self.heartbeat_s
+        wait = max(0.05, min(longest, self.deadline - time.monotonic()))
+        try:
+            line = self.lines.get(timeout=wait)
+        except queue_mod.Empty:
+            line = ""
+        if broker is not None:
+            broker.poll()
+        return line
+
+    def _take(self, line: str) -> bool:
+        """Record what a protocol line says and relay its progress; True when the relay asks to stop."""
+        event = _parse(line) if line else None
+        if not event:
+            return False
+        kind = event.get("event")
+        if kind == "sandbox" and self.first:
+            # Only the trampoline's line, the first one: the runner itself could claim anything.
+            self.outcome.sandbox = [str(name) for name in event.get("in_force") or []]
+            self.outcome.sandbox_gaps = {str(k): str(v) for k, v in (event.get("gaps") or {}).items()}
+            self.runner.announced(event.get("pid"))
+        elif kind == "progress":
+            stop = self.relay is not None and self.relay(
+                event.get("stage"), event.get("percent"), event.get("message")
+            )
+            self.last_beat = time.monotonic()
+            return stop
+        elif kind == "result":
+            self.outcome.result = event.get("result")
+        elif kind == "error":
+            self.outcome.error_code = str(event.get("code") or "internal_error")
+            self.outcome.error_message = str(event.get("message") or "")
+        return False
+
+    def _heartbeat(self) -> bool:
+        """Tell the relay the runner lives when nothing else did for heartbeat_s; True when it asks to stop."""
+        if self.relay is None or time.monotonic() - self.last_beat < self.heartbeat_s:
+            return False
+        stop = self.relay(None, None, None)
+        self.last_beat = time.monotonic()
+        return stop
+
+
+def _ended(outcome: RunnerOutcome, **changes: Any) -> RunnerOutcome:
+    """The runner's end, with the sandbox it had but nothing else it said."""
+    return RunnerOutcome(sandbox=outcome.sandbox, sandbox_gaps=outcome.sandbox_gaps, **changes)
+
+
+def _judge(
+    outcome: RunnerOutcome,
+    returncode: int | None,
+    cpu_s: float | None,
     stderr: IO[bytes],
-    timeout_s: float,
-    relay: ProgressRelay | None,
-    heartbeat_s: float,
     limits: RunnerLimits,
-    gaps: dict[str, str],
-    runner: _Runner,
-    advice: str,
 ) -> RunnerOutcome:
-    lines: queue_mod.Queue[str | None] = queue_mod.Queue()
-    reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
-    reader.start()
-    broker = runner.broker
-    if broker is not None:
-        broker.start(wake=lambda: lines.put(""))  # an empty line: look at the lock now
-    outcome = RunnerOutcome(sandbox_gaps=gaps)
-    deadline = time.monotonic() + timeout_s
-    last_beat = time.monotonic()
-    cpu_s: float | None = None
-    first = True
-
-    def ended(**changes: Any) -> RunnerOutcome:
-        return RunnerOutcome(sandbox=outcome.sandbox, sandbox_gaps=outcome.sandbox_gaps, **changes)
-
-    try:
-        while True:
-            # While the runner waits for the lock or holds it, mind its limits often.
-            longest = LOCK_POLL_S if broker is not None and broker.busy else heartbeat_s
-            wait = max(0.05, min(longest, deadline - time.monotonic()))
-            try:
-                line = lines.get(timeout=wait)
-            except queue_mod.Empty:
-                line = ""
-            if broker is not None:
-                broker.poll()
-            if line is None:
-                break
-            if time.monotonic() >= deadline:
-                _kill(proc, runner)
-                return ended(error_code="time_limit", error_message=_wall_clock_message(timeout_s, advice))
-            event = _parse(line) if line else None
-            stop = False
-            if event and first and event.get("event") == "sandbox":
-                # Only the trampoline's line, the first one: the runner itself could claim anything.
-                outcome.sandbox = [str(name) for name in event.get("in_force") or []]
-                outcome.sandbox_gaps = {str(k): str(v) for k, v in (event.get("gaps") or {}).items()}
-                runner.announced(event.get("pid"))
-            elif event and event.get("event") == "progress":
-                stop = (
-                    relay(event.get("stage"), event.get("percent"), event.get("message")) if relay else False
-                )
-                last_beat = time.monotonic()
-            elif event and event.get("event") == "result":
-                outcome.result = event.get("result")
-            elif event and event.get("event") == "error":
-                outcome.error_code = str(event.get("code") or "internal_error")
-                outcome.error_message = str(event.get("message") or "")
-            first = first and not line
-            if relay and not stop and time.monotonic() - last_beat >= heartbeat_s:
-                stop = relay(None, None, None)
-                last_beat = time.monotonic()
-            if stop:
-                _kill(proc, runner)
-                return ended(stopped=True)
-        cpu_s = _wait(proc, deadline)
-        if proc.returncode is None:
-            _kill(proc, runner)
-            return ended(error_code="time_limit", error_message=_wall_clock_message(timeout_s, advice))
-    finally:
-        if proc.poll() is None:
-            _kill(proc, runner)
-        reader.join(timeout=5)
-    if outcome.result is not None and proc.returncode == 0:
+    """What became of a runner that exited by itself: its result, a limit it hit, its own error, or a crash."""
+    if outcome.result is not None and returncode == 0:
         return outcome
-    tail = _stderr_tail(stderr)
     # A fatal error's thread dump can push the MemoryError line far up: look for the signs in more than the tail.
-    limit = _limit_hit(outcome, proc.returncode, cpu_s, _stderr_tail(stderr, 256 * 1024), limits)
+    limit = _limit_hit(outcome, returncode, cpu_s, _stderr_tail(stderr, 256 * 1024), limits)
     if limit is not None:
-        return ended(error_code=limit[0], error_message=limit[1])
+        return _ended(outcome, error_code=limit[0], error_message=limit[1])
     if outcome.error_code is not None:
         return outcome
-    if proc.returncode is not None and proc.returncode < 0:
-        name = signal.Signals(-proc.returncode).name
-        return ended(
-            error_code="runner_crashed",
-            error_message=f"the runner was killed by {name} while working on the model: {tail or 'no output'}",
-        )
-    return ended(
-        error_code="runner_crashed",
-        error_message=f"the runner exited with status {proc.returncode} without a result: {tail or 'no output'}",
-    )
+    if returncode is not None and returncode < 0:
+        how = f"was killed by {signal.Signals(-returncode).name} while working on the model"
+    else:
+        how = f"exited with status {returncode} without a result"
+    tail = _stderr_tail(stderr) or "no output"
+    return _ended(outcome, error_code="runner_crashed", error_message=f"the runner {how}: {tail}")
 
 
 def _wall_clock_message(timeout_s: float, advice: str) -> str:
