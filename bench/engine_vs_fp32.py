@@ -108,8 +108,8 @@ def _config(
 
 def load_int8(run: EngineRun) -> Any:
     """The run's int8 artifact loaded the way its load snippet says, as a callable on positional inputs."""
-    from workers.engine.x86 import load_aoti
-    from workers.engine.x86_torchscript import load_torchscript
+    from workers.engine.lowering.torchscript import load_torchscript
+    from workers.engine.lowering.x86.aoti import load_aoti
 
     path = run.artifact
     assert path is not None, "the run has no artifact"

@@ -74,7 +74,7 @@ def _parse_json(text: str | None, code: str, what: str) -> Any:
 
 
 def _inspect_model(args: argparse.Namespace, events: Events) -> dict[str, Any]:
-    from workers.engine.io import inspect_model
+    from workers.engine.inputs.io import inspect_model
 
     shapes = _parse_json(args.input_shapes, "invalid_input_shapes", "--input-shapes")
     events.progress("loading", 0.0, "inspecting the model")
@@ -82,7 +82,7 @@ def _inspect_model(args: argparse.Namespace, events: Events) -> dict[str, Any]:
 
 
 def _inspect_dataset(args: argparse.Namespace, events: Events) -> dict[str, Any]:
-    from workers.engine.data import inspect_dataset
+    from workers.engine.inputs.data import inspect_dataset
 
     preprocess = _parse_json(args.preprocess, "invalid_dataset", "--preprocess")
     events.progress("loading", 0.0, "inspecting the dataset")
@@ -98,7 +98,7 @@ def _dataset_path(spec: RunnerSpec, role: DataRole, work: Path) -> str | None:
         return path
     import numpy as np
 
-    from workers.engine.data import load_dataset
+    from workers.engine.inputs.data import load_dataset
 
     arrays = load_dataset(path, preprocess=preprocess)
     target = work / f"{role}.npz"

@@ -33,7 +33,7 @@ ProgressRelay = Callable[[str | None, float | None, str | None], bool]
 _SOURCE_ROOT = str(Path(workers.__file__).resolve().parent.parent)
 # The runner asks the worker for the host's benchmark lock through two pipes named by this variable, "R,W":
 # it writes "acquire" or "release" lines on W and reads "wait", "granted" or "timeout" on R
-# (workers.engine.bench.host_lock; the engine is not imported here: it would import torch into the worker).
+# (workers.engine.checks.bench.host_lock; the engine is not imported here: it would import torch into the worker).
 # The worker holds the flock itself: nothing the runner leaves behind can keep it (docs/security.md).
 BENCH_LOCK_FD_ENV = "QAAS_BENCH_LOCK_FD"
 # How long a runner may wait for the lock before it benchmarks without it, and hold it in all.

@@ -27,6 +27,7 @@ from app.services import datasets as dataset_service
 from app.services import jobs as job_service
 from app.services import models as model_service
 from app.services import stored as stored_service
+from qaas.contract.backends import ARTIFACT_FILES
 from qaas.contract.jobs import BenchmarkOptions, JobOptions, RunnerSpec, explain
 from qaas.contract.metrics import JobMetrics
 from qaas.contract.vocab import TERMINAL, Backend, DataRole, Mode
@@ -44,7 +45,7 @@ PROGRESS_EVERY_S = 0.5
 # The only files the worker takes from a job's runner, with their formats: read by these names through the
 # output folder's handle, never by a path the runner chose (docs/security.md). The report and the manifest are
 # written from the runner's result (data), not read from its files.
-RUNNER_FILES = {"model.int8.ts": "torchscript", "model.int8.aoti.pt2": "aoti_package"}
+RUNNER_FILES = ARTIFACT_FILES
 
 
 class RunnerOutputRefused(Exception):

@@ -4,12 +4,19 @@
     refusal("hf", "static", "fbgemm")           # "Hugging Face models are served in dynamic mode: ..."
     refusal("pt2", "static", "x86", weight_granularity="per_tensor")   # a sentence naming what works
 
-`SUPPORT` is the product's matrix; which backends a given worker can run also depends on its torch build and
-tools (`cpu.supported_backends`: the x86 `.pt2` path needs torchao and a C++ compiler). `auto` is listed where
-at least one backend applies: it quantizes with each candidate on the worker's CPU and keeps one.
+`SUPPORT` is the product's matrix, derived from the backends' declarations (`qaas.contract.backends`): what
+each serves and the option values it refuses. Which backends a given worker can run also depends on its torch
+build and tools (each declaration's `needs`: the x86 `.pt2` path needs torchao and a C++ compiler). `auto` is
+listed where at least one backend applies: it quantizes with each candidate on the worker's CPU and keeps one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from qaas.contract.backends import BY_NAME, CONCRETE, DECLARATIONS, X86_PER_TENSOR
+from qaas.contract.vocab import Backend, Format, Mode
 
 __all__ = [
     "BACKENDS",
@@ -19,33 +26,27 @@ __all__ = [
     "SUPPORT",
     "X86_PER_TENSOR",
     "backends_for",
+    "listing",
     "option_refusal",
     "refusal",
 ]
 
-FORMATS = ("pt2", "torchscript", "hf")
-MODES = ("dynamic", "static", "qat")
-CONCRETE_BACKENDS = ("fbgemm", "x86")
-BACKENDS = (*CONCRETE_BACKENDS, "auto")
-_ALL = BACKENDS
+FORMATS = tuple(str(f) for f in Format)
+MODES = tuple(str(m) for m in Mode)
+CONCRETE_BACKENDS = CONCRETE
+BACKENDS = (*CONCRETE_BACKENDS, str(Backend.AUTO))
 
-# format -> mode -> the backends that serve it ("auto" wherever at least one does).
+
+def _served(fmt: str, mode: str) -> tuple[str, ...]:
+    concrete = tuple(str(d.name) for d in DECLARATIONS if d.serves_cell(fmt, mode))
+    return (*concrete, str(Backend.AUTO)) if concrete else ()
+
+
+# format -> mode -> the backends that serve it ("auto" wherever at least one does), from the declarations.
 SUPPORT: dict[str, dict[str, tuple[str, ...]]] = {
-    # fbgemm: torch.ao (FX / quantize_dynamic) to TorchScript; x86: torchao pt2e compiled by AOTInductor.
-    "pt2": {"dynamic": _ALL, "static": _ALL, "qat": _ALL},
-    # TorchScript graph mode on the fbgemm or x86 engine; it has no QAT.
-    "torchscript": {"dynamic": _ALL, "static": _ALL, "qat": ()},
-    # transformers encoders: quantize_dynamic on the fbgemm or x86 engine, traced to TorchScript.
-    "hf": {"dynamic": _ALL, "static": (), "qat": ()},
+    fmt: {mode: _served(fmt, mode) for mode in MODES} for fmt in FORMATS
 }
 
-# Checked on torch 2.13 / torchao 0.18: a per-tensor weight spec quantizes, but Inductor's int8 lowering
-# matches dequantize_per_channel weights only, and the package ran every layer in fp32.
-X86_PER_TENSOR = (
-    "backend x86 quantizes .pt2 weights per channel only: torchao's X86InductorQuantizer has no per-tensor "
-    "weights, and Inductor compiles per-tensor int8 weights as fp32 layers; use weight_granularity "
-    "per_channel, or backend fbgemm for per-tensor weights"
-)
 FORMAT_NAMES = {"pt2": "a .pt2 (torch.export)", "torchscript": "a TorchScript", "hf": "a Hugging Face"}
 _MODE_REFUSALS = {
     ("torchscript", "qat"): (
@@ -63,9 +64,20 @@ _MODE_REFUSALS = {
 }
 
 
-def _listing(names: tuple[str, ...] | list[str]) -> str:
-    """ "a", "a or b", "a, b or c"."""
+def listing(names: Sequence[str], *, most: int | None = None, none: str = "") -> str:
+    """Names for a sentence: "a", "a or b", "a, b or c"; with `most`, the first `most` of them and "and N more"
+    ("a, b and 3 more"), for lists that may be long. `none` stands for an empty list.
+
+    Example:
+        >>> listing(["dynamic", "static", "qat"]), listing(["x", "y", "z"], most=2)
+        ('dynamic, static or qat', 'x, y and 1 more')
+    """
     names = list(names)
+    if most is not None:
+        more = len(names) - most
+        return (", ".join(names[:most]) or none) + (f" and {more} more" if more > 0 else "")
+    if not names:
+        return none
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
@@ -82,26 +94,11 @@ def backends_for(
     return tuple(
         b
         for b in CONCRETE_BACKENDS
-        if b in listed and not _option_problem(fmt, mode, b, weight_granularity, quantize_embeddings)
+        if b in listed
+        and not option_refusal(
+            fmt, mode, b, weight_granularity=weight_granularity, quantize_embeddings=quantize_embeddings
+        )
     )
-
-
-def _option_problem(
-    fmt: str, mode: str, backend: str, weight_granularity: str | None, quantize_embeddings: bool | None
-) -> str | None:
-    if fmt == "pt2" and backend == "x86" and mode in ("static", "qat") and weight_granularity == "per_tensor":
-        return X86_PER_TENSOR
-    if fmt == "pt2" and backend == "x86" and mode == "dynamic" and quantize_embeddings:
-        return (
-            "backend x86 quantizes the Linear layers of a .pt2 dynamically, not its embeddings: use backend "
-            "fbgemm for quantize_embeddings, or turn quantize_embeddings off"
-        )
-    if fmt == "torchscript" and mode == "dynamic" and quantize_embeddings:
-        return (
-            "quantize_embeddings needs a .pt2 (torch.export) or Hugging Face upload: TorchScript graph mode "
-            "quantizes Linear layers only; turn quantize_embeddings off"
-        )
-    return None
 
 
 def option_refusal(
@@ -113,7 +110,8 @@ def option_refusal(
     quantize_embeddings: bool | None = None,
 ) -> str | None:
     """Why a concrete backend cannot serve a supported cell with these options, or None when it can."""
-    return _option_problem(fmt, mode, backend, weight_granularity, quantize_embeddings)
+    options = {"weight_granularity": weight_granularity, "quantize_embeddings": quantize_embeddings}
+    return BY_NAME[backend].limit(fmt, mode, **options)
 
 
 def refusal(
@@ -133,23 +131,24 @@ def refusal(
     if fmt not in SUPPORT:
         return f"models of format {fmt!r} are not quantized: upload a .pt2 (torch.export), TorchScript or Hugging Face model"
     if mode not in MODES:
-        return f"mode {mode!r} is unknown: use {_listing(list(MODES))}"
+        return f"mode {mode!r} is unknown: use {listing(list(MODES))}"
     if backend not in BACKENDS:
-        return f"backend {backend!r} is unknown: use {_listing(list(BACKENDS))}"
+        return f"backend {backend!r} is unknown: use {listing(list(BACKENDS))}"
     listed = SUPPORT[fmt][mode]
     if not listed:
         modes = [m for m in MODES if SUPPORT[fmt][m]]
-        default = f"{FORMAT_NAMES[fmt]} model is served in mode {_listing(modes)}"
+        default = f"{FORMAT_NAMES[fmt]} model is served in mode {listing(modes)}"
         return _MODE_REFUSALS.get((fmt, mode), default)
     if backend not in listed:
-        return f"backend {backend} does not serve mode {mode} for {FORMAT_NAMES[fmt]} model: use {_listing(listed)}"
+        served = listing(listed)
+        return f"backend {backend} does not serve mode {mode} for {FORMAT_NAMES[fmt]} model: use {served}"
+    options: dict[str, Any] = {
+        "weight_granularity": weight_granularity,
+        "quantize_embeddings": quantize_embeddings,
+    }
     if backend != "auto":
-        return _option_problem(fmt, mode, backend, weight_granularity, quantize_embeddings)
-    if backends_for(
-        fmt, mode, weight_granularity=weight_granularity, quantize_embeddings=quantize_embeddings
-    ):
+        return option_refusal(fmt, mode, backend, **options)
+    if backends_for(fmt, mode, **options):
         return None
-    problems = [
-        _option_problem(fmt, mode, b, weight_granularity, quantize_embeddings) for b in CONCRETE_BACKENDS
-    ]
+    problems = [option_refusal(fmt, mode, b, **options) for b in CONCRETE_BACKENDS]
     return next(p for p in problems if p)

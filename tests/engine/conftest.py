@@ -58,7 +58,8 @@ class ConvOnly(nn.Module):
 
 
 def export_pt2(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    """Export the way DESIGN.md tells users to: an example batch of 2 and a dynamic batch dimension."""
+    """Export the way users are told to (docs/engine-notes.md#export-with-a-dynamic-batch): an example batch
+    of 2 and a dynamic batch dimension."""
     batch = torch.export.Dim("batch")
     with (
         warnings.catch_warnings()

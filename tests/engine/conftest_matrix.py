@@ -22,7 +22,7 @@ from tests.engine.conftest import FAST_BENCHMARK, WIDTH
 from tests.engine.conftest_static import IMAGE
 from workers.engine.api import QuantResult, quantize
 from workers.engine.errors import EngineError
-from workers.engine.io import load_model
+from workers.engine.inputs.io import load_model
 
 TRAIN_SAMPLES = 32
 SUFFIXES = {"pt2": "pt2", "torchscript": "ts"}

@@ -93,12 +93,12 @@ def test_selection_wiring_with_a_fake_measurement(
 def test_an_option_only_fbgemm_serves_leaves_x86_out_without_building_it(
     cnn_pt2: Path, cnn_calib: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import workers.engine.static as static
+    import workers.engine.lowering.x86 as x86
 
     def no_build(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("x86 was built although per-tensor weights exclude it")
 
-    monkeypatch.setattr(static, "quantize_pt2e", no_build)
+    monkeypatch.setattr(x86, "quantize_pt2e", no_build)
     config = config_for("static", "auto", weight_granularity="per_tensor")
     result = quantize(cnn_pt2, config, out_dir=tmp_path, calibration=cnn_calib)
     assert result.backend == "fbgemm"
@@ -179,7 +179,7 @@ def test_an_error_about_the_request_stops_auto_at_once(
 class SharedReLU(nn.Module):
     """One nn.ReLU module called twice, as torchvision's ResNet blocks do: torchao 0.18's x86 quantizer
     raised ValueError ("Input partition has more than one output node") until each call got a path of its own
-    (x86_quantizer.split_shared_activations)."""
+    (lowering.x86.quantizer.split_shared_activations)."""
 
     def __init__(self) -> None:
         super().__init__()

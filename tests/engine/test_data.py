@@ -11,9 +11,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from qaas.contract.shapes import check_shapes_match
-from workers.engine.data import check_dataset_matches, inspect_dataset, load_dataset
 from workers.engine.errors import EngineError
-from workers.engine.io import InputSpec, ModelInfo
+from workers.engine.inputs.data import check_dataset_matches, inspect_dataset, load_dataset
+from workers.engine.inputs.io import InputSpec, ModelInfo
 
 IMAGE_MODEL = [{"name": "x", "shape": [None, 3, 32, 32], "dtype": "float32"}]
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workers.engine import images
-from workers.engine.data import check_dataset_matches, inspect_dataset, load_dataset, tokenize_jsonl
 from workers.engine.errors import EngineError
-from workers.engine.io import InputSpec, ModelInfo
+from workers.engine.inputs import images
+from workers.engine.inputs.data import check_dataset_matches, inspect_dataset, load_dataset, tokenize_jsonl
+from workers.engine.inputs.io import InputSpec, ModelInfo
 
 SPEC = {"resize": 32, "crop": 28, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 RED, BLUE = (255, 0, 0), (0, 0, 255)

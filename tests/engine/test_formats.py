@@ -10,7 +10,7 @@ import torch
 
 from tests.engine.conftest import make_zip
 from workers.engine.errors import EngineError
-from workers.engine.io import detect_model_format, load_model
+from workers.engine.inputs.io import detect_model_format, load_model
 
 
 def refusal(path: Path) -> EngineError:

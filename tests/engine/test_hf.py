@@ -13,7 +13,7 @@ import torch
 
 from tests.engine.conftest_hf import LINEAR_LAYERS, build_hf_folder, zip_folder
 from workers.engine.errors import EngineError
-from workers.engine.io import detect_model_format, inspect_model, load_model
+from workers.engine.inputs.io import detect_model_format, inspect_model, load_model
 
 __all__ = ["build_hf_folder", "zip_folder"]  # tests/e2e import them from here
 pytest_plugins = ["tests.engine.conftest_hf"]
@@ -77,7 +77,7 @@ def test_load_extracts_only_what_transformers_reads(hf_folder: Path, tmp_path: P
 def test_quantized_bert_is_faithful_torchscript_with_dynamic_shapes(
     hf_zip: Path, hf_folder: Path, tmp_path: Path, fbgemm: None
 ) -> None:
-    from workers.engine.hf import embedding_cosine, hf_example_inputs, quantize_hf_dynamic
+    from workers.engine.inputs.hf import embedding_cosine, hf_example_inputs, quantize_hf_dynamic
 
     loaded = load_model(hf_zip)
     result = quantize_hf_dynamic(loaded, seed=3)
@@ -104,7 +104,7 @@ def test_quantized_bert_is_faithful_torchscript_with_dynamic_shapes(
 
 
 def test_the_artifact_runs_with_plain_torch(hf_zip: Path, tmp_path: Path, fbgemm: None) -> None:
-    from workers.engine.hf import quantize_hf_dynamic
+    from workers.engine.inputs.hf import quantize_hf_dynamic
 
     artifact = tmp_path / "model.int8.ts"
     torch.jit.save(quantize_hf_dynamic(load_model(hf_zip)).module, str(artifact))
@@ -122,7 +122,7 @@ def test_the_artifact_runs_with_plain_torch(hf_zip: Path, tmp_path: Path, fbgemm
 
 
 def test_embeddings_and_excluded_layers_stay_float(hf_zip: Path, fbgemm: None) -> None:
-    from workers.engine.hf import quantize_hf_dynamic
+    from workers.engine.inputs.hf import quantize_hf_dynamic
 
     loaded = load_model(hf_zip)
     result = quantize_hf_dynamic(
@@ -193,7 +193,7 @@ def test_weights_that_do_not_fit_the_config_are_a_load_failure(hf_folder: Path, 
 def test_distilbert_and_roberta_are_served(model_type: str, tmp_path: Path, fbgemm: None) -> None:
     import transformers
 
-    from workers.engine.hf import quantize_hf_dynamic
+    from workers.engine.inputs.hf import quantize_hf_dynamic
 
     config_class, model_class = {
         "distilbert": (transformers.DistilBertConfig, transformers.DistilBertModel),

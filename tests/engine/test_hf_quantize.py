@@ -14,8 +14,8 @@ from tests.engine.conftest import FAST_BENCHMARK
 from tests.engine.conftest_hf import LINEAR_LAYERS
 from workers.engine.api import quantize
 from workers.engine.errors import EngineError
-from workers.engine.hf import embedding_cosine, hf_example_inputs
-from workers.engine.io import load_model
+from workers.engine.inputs.hf import embedding_cosine, hf_example_inputs
+from workers.engine.inputs.io import load_model
 
 pytest_plugins = ["tests.engine.conftest_hf"]
 

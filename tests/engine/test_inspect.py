@@ -8,7 +8,7 @@ import pytest
 
 from tests.engine.conftest import WIDTH
 from workers.engine.errors import EngineError
-from workers.engine.io import inspect_model
+from workers.engine.inputs.io import inspect_model
 
 MLP_PARAMETERS = 2 * (WIDTH * WIDTH + WIDTH) + WIDTH * 10 + 10
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -18,9 +17,9 @@ from qaas.contract.jobs import DynamicConfig, StaticConfig
 from tests.engine.conftest import FAST_BENCHMARK, MLP, WIDTH, export_pt2
 from tests.engine.conftest_static import IMAGE
 from workers.engine.api import quantize
+from workers.engine.checks.layers import LOW_SQNR_DB, Measured, ProgramProbe, measure_layers
+from workers.engine.checks.verify import SQNR_CAP_DB
 from workers.engine.cpu import supported_backends
-from workers.engine.layers import LOW_SQNR_DB, Measured, ProgramProbe, measure_layers
-from workers.engine.verify import SQNR_CAP_DB
 
 pytest_plugins = ["tests.engine.conftest_static"]
 
@@ -89,7 +88,7 @@ def test_a_crushed_layer_comes_first_with_a_warning(config: Any, outlier_pt2: Pa
 
     fixed = quantize(
         outlier_pt2,
-        dataclasses.replace(config, exclude=("side",)),
+        config.model_copy(update={"exclude": ("side",)}),
         out_dir=tmp_path / "fixed",
         calibration=calib,
     )
@@ -138,7 +137,7 @@ def test_static_layers_are_the_fused_groups(cnn_pt2: Path, cnn_calib: Path, tmp_
 @pytest.mark.skipif("x86" not in supported_backends("pt2"), reason="needs torchao (pt2e)")
 def test_pt2e_program_layers_pair_with_the_float_program(cnn_pt2: Path, cnn_calib: Path) -> None:
     """The x86 backend's q/dq program: its convolutions fold the batch norms, compared after the float norm."""
-    from workers.engine.x86 import quantize_pt2e
+    from workers.engine.lowering.x86.pt2e import quantize_pt2e
 
     program = torch.export.load(str(cnn_pt2))
     batches = [{"x": torch.from_numpy(a)} for a in np.split(np.load(cnn_calib)["x"][:32], 4)]

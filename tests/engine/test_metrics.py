@@ -23,7 +23,7 @@ from tests.conftest import fail_or_skip, processes_in
 from tests.engine.conftest import FAST_BENCHMARK
 from tests.engine.conftest_static import Digits
 from workers.engine.api import QuantResult, quantize
-from workers.engine.bench import FALLBACK_LOCK, LOCK_FD_ENV
+from workers.engine.checks.bench import FALLBACK_LOCK, LOCK_FD_ENV
 from workers.supervise import BENCH_LOCK_FD_ENV, supervise
 
 pytest_plugins = ["tests.engine.conftest_static"]
@@ -120,7 +120,7 @@ def test_a_job_waits_for_the_host_lock_and_says_how_long(
 
 WAITER = """
 import json
-from workers.engine.bench import host_lock
+from workers.engine.checks.bench import host_lock
 with host_lock(on_wait=lambda: print("waiting", flush=True)) as lock:
     print(json.dumps({"held": lock.held, "waited_s": lock.waited_s}), flush=True)
 """
@@ -146,7 +146,7 @@ def test_two_processes_take_turns(held_lock: tuple[Path, int]) -> None:
 
 RUNNER = """
 import json, sys, time
-from workers.engine.bench import host_lock
+from workers.engine.checks.bench import host_lock
 def waiting():
     print(json.dumps({"event": "progress", "stage": "benchmarking", "percent": 75.0, "message": "waiting"}),
           flush=True)
@@ -254,7 +254,7 @@ def _wait_free(path: Path) -> float:
 
 ESCAPER = """
 import json, os, sys, time
-from workers.engine.bench import host_lock
+from workers.engine.checks.bench import host_lock
 lock = host_lock()
 state = lock.__enter__()  # taken and never given back
 if os.fork() == 0:

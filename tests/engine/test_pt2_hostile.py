@@ -21,11 +21,11 @@ import pytest
 import torch
 from torch import nn
 
-from workers.engine.archive import detect_model_format
-from workers.engine.data import inspect_dataset
 from workers.engine.errors import EngineError
-from workers.engine.io import load_model
-from workers.engine.pt2_checks import check_pt2_payloads
+from workers.engine.inputs.archive import detect_model_format
+from workers.engine.inputs.data import inspect_dataset
+from workers.engine.inputs.io import load_model
+from workers.engine.inputs.pt2_checks import check_pt2_payloads
 from workers.supervise import run_runner
 
 DEEP = 100_000
@@ -412,7 +412,7 @@ def test_a_deeply_nested_safetensors_header_is_not_a_dataset(tmp_path: Path) -> 
 def test_guards_and_targets_that_export_writes_pass() -> None:
     from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 
-    from workers.engine.pt2_checks import GUARD_NAMES, _safe_guard, _safe_target
+    from workers.engine.inputs.pt2_checks import GUARD_NAMES, _safe_guard, _safe_target
 
     names = GUARD_NAMES | frozenset(SYMPY_INTERP)
     for guard in ("L['y'].size()[0] <= L['x'].size()[0]", "L['x'].stride()[1] == 1", "math.isnan(L['f'])"):

@@ -22,21 +22,14 @@ from qaas.contract.jobs import BenchmarkConfig, StaticConfig
 from tests.engine.conftest import FAST_BENCHMARK
 from tests.engine.conftest_static import Digits, SmallCNN
 from workers.engine.api import quantize
-from workers.engine.bench import benchmark
+from workers.engine.checks.bench import benchmark
+from workers.engine.checks.verify import fidelity
 from workers.engine.cpu import ISA_FLAGS, choose_backend, cpu_info, supported_backends
 from workers.engine.errors import EngineError
-from workers.engine.verify import fidelity
-from workers.engine.x86 import (
-    ARTIFACT,
-    QuantizedProgram,
-    compile_aoti,
-    int8_kernel_count,
-    load_aoti,
-    quantize_pt2e,
-    state_bytes,
-    strip_dead_weights,
-)
-from workers.engine.x86_torchscript import load_torchscript, qconfig_mapping, set_engine
+from workers.engine.lowering.torchscript import default_mapping, load_torchscript
+from workers.engine.lowering.x86.aoti import ARTIFACT, compile_aoti, int8_kernel_count, load_aoti
+from workers.engine.lowering.x86.pt2e import QuantizedProgram, quantize_pt2e, state_bytes, strip_dead_weights
+from workers.engine.qengine import set_engine
 
 pytest_plugins = ["tests.engine.conftest_static"]
 
@@ -485,7 +478,7 @@ def test_torchscript_x86_engine_round_trip(tmp_path: Path) -> None:
     example = torch.randn(2, 3, 8, 8)
     previous = torch.backends.quantized.engine
     with set_engine("x86"):
-        prepared = prepare_fx(model, qconfig_mapping("x86"), (example,))
+        prepared = prepare_fx(model, default_mapping("x86"), (example,))
         for _ in range(4):
             prepared(torch.randn(4, 3, 8, 8))
         scripted = torch.jit.trace(convert_fx(prepared), example)

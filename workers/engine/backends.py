@@ -6,7 +6,8 @@ With one backend the artifact goes straight into out_dir. With `auto` each candi
 folder (out_dir/.candidates/<backend>), verified on the same data, and timed on the same inputs at the first
 benchmark batch size; `cpu.choose_backend` keeps the fastest (within 10 %, the more faithful), the winner's
 artifact moves into out_dir and the other candidates are deleted. A candidate that fails for a reason of its
-own (see BACKEND_ERRORS) is recorded in metrics["backends"] and the others go on.
+own (its declaration's `recoverable` codes, qaas.contract.backends) is recorded in metrics["backends"] and
+the others go on.
 """
 
 from __future__ import annotations
@@ -16,30 +17,23 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-from workers.engine.bench import LOCK_WAIT, compare, host_lock
+from workers.engine import lowering
+from workers.engine.checks.bench import LOCK_WAIT, compare, host_lock
+from workers.engine.checks.verify import call_model
 from workers.engine.cpu import choose_backend
 from workers.engine.errors import EngineError
+from workers.engine.job import Int8Model, Job
 from workers.engine.measure import batch_sizes, prepare_verification
 from workers.engine.outcome import Candidate, build, finish
-from workers.engine.pipeline import Int8Model, Job
 from workers.engine.result import ProgressFn, QuantResult
-from workers.engine.verify import call_model
-from workers.engine.x86_torchscript import set_engine
 
 __all__ = ["CANDIDATES_DIR", "run"]
 
 CANDIDATES_DIR = ".candidates"
-# Errors that are about one backend, not the request: auto records them and keeps the other candidates.
-BACKEND_ERRORS = {"unsupported_combination", "verification_failed"}
-BACKEND_ERRORS_X86 = BACKEND_ERRORS | {"nothing_quantized", "model_load_failed"}
 CANDIDATE_SPAN = (5.0, 70.0)  # the progress percent auto's candidates share
 
 Convert = Callable[[str], Int8Model]
 Measure = Callable[[Job, dict[str, Candidate]], dict[str, float]]
-
-
-def _about_backend(exc: EngineError, backend: str) -> bool:
-    return exc.code in (BACKEND_ERRORS_X86 if backend == "x86" else BACKEND_ERRORS)
 
 
 def _scaled(report: ProgressFn, backend: str, low: float, high: float) -> ProgressFn:
@@ -73,26 +67,22 @@ def time_candidates(job: Job, built: dict[str, Candidate]) -> dict[str, float]:
 
 
 def _convert(job: Job, convert: Convert, backend: str) -> Int8Model:
-    """convert(backend); an unexpected failure of the x86 path (torchao's pt2e quantizer or Inductor on a
-    .pt2) is the backend's limit, not the user's mistake nor a qaas bug: it becomes unsupported_combination,
-    which `auto` records before it goes on with fbgemm."""
+    """convert(backend); an unexpected failure of the backend's own tools becomes the EngineError the backend
+    says (`Lowering.failure`: x86's torchao and Inductor on a .pt2), which `auto` records before it goes on."""
     try:
         return convert(backend)
     except EngineError:
         raise
     except Exception as exc:
-        if backend != "x86" or job.format != "pt2":
+        error = lowering.get(backend).failure(job, exc)
+        if error is None:
             raise
-        raise EngineError(
-            "unsupported_combination",
-            f"the x86 backend (torchao pt2e and Inductor) failed on this model ({type(exc).__name__}: "
-            f"{str(exc)[:300]}): use backend fbgemm",
-        ) from exc
+        raise error from exc
 
 
 def _single(job: Job, convert: Convert) -> QuantResult:
     check = prepare_verification(job)
-    with set_engine(job.backend):
+    with lowering.get(job.backend).context():
         made = _convert(job, convert, job.backend)
         return finish(job, build(job, made, job.out_dir, check))
 
@@ -123,10 +113,10 @@ def run(job: Job, convert: Convert, measure: Measure | None = None) -> QuantResu
             job.backend, job.notes = backend, list(common)
             job.report = _scaled(report, backend, low + i * step, low + (i + 1) * step)
             try:
-                with set_engine(backend):
+                with lowering.get(backend).context():
                     cand = build(job, _convert(job, convert, backend), folder / backend, check)
             except EngineError as exc:
-                if not _about_backend(exc, backend):
+                if not lowering.get(backend).recoverable(exc):
                     raise
                 errors[backend] = exc
                 continue

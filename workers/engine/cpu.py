@@ -12,12 +12,15 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ISA_FLAGS", "SPEED_TIE", "choose_backend", "cpu_info", "supported_backends"]
+from qaas.contract.backends import DECLARATIONS, HostNeed
+
+__all__ = ["ISA_FLAGS", "SPEED_TIE", "choose_backend", "cpu_info", "supported_backends", "unmet_need"]
 
 # The flags that decide int8 speed: VNNI does u8*s8 dot products in one instruction, AMX does whole tiles
-# (14x int8 speedups on a ResNet-18 with oneDNN against 3.6x with fbgemm, ENGINE_NOTES.md).
+# (14x int8 speedups on a ResNet-18 with oneDNN against 3.6x with fbgemm, docs/engine-notes.md).
 ISA_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
-SPEED_TIE = 0.10  # candidates within 10% of the fastest count as equally fast (DESIGN.md section 3)
+# Candidates within 10% of the fastest count as equally fast (docs/engine-notes.md, "auto measures the candidates").
+SPEED_TIE = 0.10
 
 
 def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, Any]:
@@ -58,30 +61,42 @@ def has_cxx_compiler() -> bool:
     return shutil.which(os.environ.get("CXX") or "g++") is not None
 
 
-def supported_backends(model_format: str) -> list[str]:
-    """The backends this worker can serve for a model format, in preference order ("fbgemm" first).
+def unmet_need(need: HostNeed) -> str | None:
+    """What this worker lacks of a backend's declared need (qaas.contract.backends), or None when it has it."""
+    import torch
 
-    "fbgemm" and "x86" need the torch.ao quantized engine of that name. For "pt2", "x86" is the torchao pt2e
-    flow compiled by AOTInductor, so it also needs torchao installed and a C++ compiler on PATH.
+    if need.quantized_engine not in torch.backends.quantized.supported_engines:
+        return f"the {need.quantized_engine} quantized engine"
+    missing = [name for name in need.modules if importlib.util.find_spec(name) is None]
+    if missing:
+        return ", ".join(missing)
+    if need.compiler and not has_cxx_compiler():
+        return "a C++ compiler"
+    return None
+
+
+def supported_backends(model_format: str) -> list[str]:
+    """The backends this worker can serve for a model format, in the declarations' order ("fbgemm" first).
+
+    Each backend declares what it needs (qaas.contract.backends): "fbgemm" and "x86" the torch.ao quantized
+    engine of that name; for "pt2", "x86" is the torchao pt2e flow compiled by AOTInductor, so it also needs
+    torchao installed and a C++ compiler on PATH.
 
     Example:
         >>> supported_backends("pt2")
         ['fbgemm', 'x86']
     """
-    import torch
-
-    engines = set(torch.backends.quantized.supported_engines)
-    backends: list[str] = [name for name in ("fbgemm", "x86") if name in engines]
-    if model_format == "pt2" and "x86" in backends:
-        pt2e_ready = importlib.util.find_spec("torchao") is not None and has_cxx_compiler()
-        if not pt2e_ready:
-            backends.remove("x86")
+    backends = []
+    for declaration in DECLARATIONS:
+        need = declaration.need(model_format)
+        if need is not None and unmet_need(need) is None:
+            backends.append(str(declaration.name))
     return backends
 
 
 def choose_backend(candidates: Mapping[str, Mapping[str, float]]) -> tuple[str, str]:
     """Pick the backend `auto` keeps from measured candidates: the fastest, unless a more faithful one is
-    within 10% of its speed (DESIGN.md section 3).
+    within 10% of its speed (docs/engine-notes.md, "auto measures the candidates").
 
     Args:
         candidates: {name: {"int8_ms_p50": latency in ms, "cosine": output cosine against float}}, measured on
@@ -115,7 +130,8 @@ def choose_backend(candidates: Mapping[str, Mapping[str, float]]) -> tuple[str, 
         value = float(candidates[name]["cosine"])
         return value if value == value else float("-inf")  # NaN fidelity never wins
 
-    by_speed = sorted(candidates, key=lambda n: (ms(n), n))
+    order = [str(d.name) for d in DECLARATIONS]  # equal latencies: the declarations' order, then the name
+    by_speed = sorted(candidates, key=lambda n: (ms(n), order.index(n) if n in order else len(order), n))
     fastest = by_speed[0]
     close = [n for n in by_speed if ms(n) <= ms(fastest) * (1 + SPEED_TIE)]
     # Among the equally fast, the most faithful; a tie in fidelity goes to the faster one.

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from qaas.contract.shapes import LABELS
-from workers.engine.bench import benchmark
-from workers.engine.data import inspect_dataset
+from workers.engine.checks.bench import benchmark
+from workers.engine.checks.verify import Batch, call_model, fidelity, fixed_batch, flat_outputs
 from workers.engine.errors import EngineError
-from workers.engine.pipeline import ROLES, Job
-from workers.engine.verify import Batch, call_model, fidelity, fixed_batch, flat_outputs
+from workers.engine.inputs.data import inspect_dataset
+from workers.engine.job import ROLES, Job
+from workers.engine.lowering import ARTIFACTS
 
 __all__ = ["Verification", "accuracy", "latency", "prepare_verification", "sizes", "verify"]
 
@@ -24,7 +24,6 @@ EXTRA_BATCHES = (1, 3, 17)
 ACCURACY_BATCH = 64
 MAX_ACCURACY_SAMPLES = 10_000
 MAX_ACCURACY_DROP = 1.0  # points: more is worth a warning
-BUILDS = {"torchscript": "TorchScript", "aoti": "AOTInductor"}
 
 
 @dataclasses.dataclass
@@ -176,7 +175,7 @@ def latency(job: Job, int8: Any, same_build: Any, kind: str) -> list[dict[str, A
             job.notes.append(f"int8 is not faster than fp32 at batch {row['batch_size']} on this CPU")
         elif row.get("speedup_same_build", 1) < 1:
             job.notes.append(
-                f"int8 is not faster than fp32 compiled the same way ({BUILDS[kind]}) at batch {row['batch_size']}"
+                f"int8 is not faster than fp32 compiled the same way ({ARTIFACTS[kind].build}) at batch {row['batch_size']}"
             )
     return rows
 
@@ -191,27 +190,11 @@ def _float_bytes(job: Job) -> int:
     return job.model_path.stat().st_size
 
 
-def _torchscript_parts(artifact: Path) -> tuple[int, int]:
-    weights = code = 0
-    # TorchScript: tensors under data/ (a frozen module's under constants/), (compressed) code under code/
-    with zipfile.ZipFile(artifact) as zf:
-        for info in zf.infolist():
-            part = info.filename.split("/")[1] if "/" in info.filename else ""
-            weights += info.compress_size if part in ("data", "constants") else 0
-            code += info.compress_size if part == "code" else 0
-    return weights, code
-
-
 def sizes(job: Job, artifact: Path, kind: str) -> dict[str, Any]:
     """{fp32_bytes, int8_bytes, ratio, int8_weight_bytes, int8_code_bytes}; an AOTInductor package's
     weights are the constants linked into its .so, its code the rest of the .so."""
     fp32_bytes, int8_bytes = _float_bytes(job), artifact.stat().st_size
-    if kind == "aoti":
-        from workers.engine.x86_pt2 import package_parts
-
-        weights, code = package_parts(artifact)
-    else:
-        weights, code = _torchscript_parts(artifact)
+    weights, code = ARTIFACTS[kind].parts(artifact)
     return {
         "fp32_bytes": fp32_bytes,
         "int8_bytes": int8_bytes,

@@ -16,22 +16,18 @@ from typing import Any
 
 import torch
 
-from workers.engine.bench import LOCK_WAIT, environment, host_lock
+from workers.engine.checks.bench import LOCK_WAIT, environment, host_lock
+from workers.engine.checks.layers import measure_layers
 from workers.engine.cpu import cpu_info
-from workers.engine.layers import measure_layers
+from workers.engine.job import Int8Model, Job
+from workers.engine.lowering import ARTIFACTS, Artifact
 from workers.engine.measure import Verification, accuracy, latency, sizes, verify
-from workers.engine.pipeline import Int8Model, Job, quiet
-from workers.engine.result import ArtifactFile, QuantResult, atomic_write, sha256_file
-from workers.engine.x86 import compile_aoti, load_aoti
-from workers.engine.x86_torchscript import load_torchscript
+from workers.engine.quiet import quiet
+from workers.engine.result import ArtifactFile, QuantResult, sha256_file
 
-__all__ = ["ARTIFACTS", "ENGINE_VERSION", "Candidate", "build", "finish"]
+__all__ = ["ENGINE_VERSION", "Candidate", "build", "finish"]
 
 ENGINE_VERSION = "0.1"
-ARTIFACTS = {"torchscript": "model.int8.ts", "aoti": "model.int8.aoti.pt2"}
-ARTIFACT_FORMATS = {"torchscript": "torchscript", "aoti": "aoti_package"}
-# What runs an AOTInductor package: Inductor's oneDNN int8 kernels, not a torch.ao quantized engine.
-AOTI_ENGINE = "x86_inductor"
 
 
 @dataclasses.dataclass
@@ -53,13 +49,17 @@ class Candidate:
         return self.made.kind
 
     @property
-    def artifact(self) -> str:
+    def kept_as(self) -> Artifact:
         return ARTIFACTS[self.made.kind]
+
+    @property
+    def artifact(self) -> str:
+        return self.kept_as.file
 
     @property
     def engine(self) -> str:
         """What runs the artifact: the torch.ao quantized engine of a TorchScript file, or x86_inductor."""
-        return AOTI_ENGINE if self.made.kind == "aoti" else self.backend
+        return self.kept_as.runner(self.backend)
 
 
 def build(job: Job, made: Int8Model, folder: Path, check: Verification) -> Candidate:
@@ -70,19 +70,17 @@ def build(job: Job, made: Int8Model, folder: Path, check: Verification) -> Candi
             int8 kernel), model_load_failed.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / ARTIFACTS[made.kind]
+    kind = ARTIFACTS[made.kind]
+    target = folder / kind.file
     with quiet():
-        if made.kind == "aoti":
-            job.report("converting", 40.0, "compiling the int8 program into an AOTInductor package (10-40 s)")
-            path = compile_aoti(made.module, target, require_int8=True)
-        else:
-            job.report("saving", 45.0, f"writing {target.name}")
-            path = atomic_write(target, lambda p: torch.jit.save(made.module, str(p)))
+        stage, percent, message = kind.saving
+        job.report(stage, percent, message.format(file=target.name))
+        path = kind.save(made.module, target)
         job.report(
             "verifying", 55.0, "reloading the artifact from disk and comparing it with the float model"
         )
         try:
-            int8 = load_aoti(path) if made.kind == "aoti" else load_torchscript(path, job.backend)
+            int8 = kind.load(path, job.backend)
             fid = verify(job, check, int8, made.reference)
             scores = accuracy(job, int8)
         except BaseException:
@@ -133,7 +131,7 @@ def _manifest(job: Job, cand: Candidate) -> dict[str, Any]:
         | {role: sha256_file(path) for role, path in job.files.items()},
         "inputs": [spec.to_dict() for spec in job.loaded.info.inputs],
     }
-    if cand.kind == "aoti":
+    if cand.kept_as.compiled_for_cpu:
         info = cpu_info()
         manifest["compiled_on"] = {"cpu": info["model"], "isa": info["isa"], "machine": info["machine"]}
     return manifest
@@ -141,23 +139,7 @@ def _manifest(job: Job, cand: Candidate) -> dict[str, Any]:
 
 def _snippet(job: Job, cand: Candidate) -> str:
     args = ", ".join(spec.name for spec in job.loaded.info.inputs) or "x"
-    if cand.kind == "aoti":
-        info = cpu_info()
-        isa = ", ".join(info["isa"]) or "no int8 extensions"
-        return (
-            "import os, torch\n"
-            'os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"  # refuse inputs of the wrong shape\n'
-            f'model = torch._inductor.aoti_load_package("{cand.artifact}")\n'
-            f"y = model({args})\n"
-            f"# Needs torch {torch.__version__} (the version that compiled it) and an {info['machine']} CPU with "
-            f"{isa} (compiled on {info['model']}).\n"
-        )
-    text = (
-        "import torch\n"
-        f'torch.backends.quantized.engine = "{cand.engine}"  # the engine it was benchmarked with\n'
-        f'model = torch.jit.load("{cand.artifact}")\n'
-        f"y = model({args})\n"
-    )
+    text = cand.kept_as.snippet(cand.artifact, cand.engine, args)
     if job.format == "hf":
         text += (
             "# input_ids, attention_mask: tokenizer(texts, padding=True, return_tensors='pt') with the model's\n"
@@ -168,7 +150,7 @@ def _snippet(job: Job, cand: Candidate) -> str:
 
 def finish(job: Job, cand: Candidate) -> QuantResult:
     """Measure the kept candidate layer by layer, benchmark it (holding the host's benchmark lock) and
-    assemble its QuantResult (metrics per DESIGN.md section 6)."""
+    assemble its QuantResult (metrics: docs/architecture.md, "The metrics document")."""
     report, notes = job.report, job.notes
     with quiet():
         report("verifying", 65.0, "measuring the SQNR of each int8 layer")
@@ -211,7 +193,7 @@ def finish(job: Job, cand: Candidate) -> QuantResult:
     # report.json and manifest.json are the caller's to write: the worker stores them as artifacts itself.
     report("saving", 95.0, f"hashing {cand.artifact}")
     size = metrics["size"]["int8_bytes"]
-    kind = ARTIFACT_FORMATS[cand.kind]
+    kind = cand.kept_as.file_format
     artifacts = [ArtifactFile(cand.artifact, cand.path, kind, size, sha256_file(cand.path))]
     report("saving", 100.0, "done")
     return QuantResult(cand.backend, artifacts, metrics, _snippet(job, cand), _manifest(job, cand))

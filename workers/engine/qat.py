@@ -1,6 +1,8 @@
 """Quantization-aware training: fake-quantize, fine-tune on labelled data, convert to int8.
 
-Only `.pt2` programs (TorchScript graph mode has no QAT). fbgemm: the program is rebuilt into modules (see
+Only `.pt2` programs (TorchScript graph mode has no QAT). This module holds the mode's part (the fake
+quantization, the observers' first look at calibration data, the training loop, as a `QATRecipe`); the job's
+backend (workers.engine.lowering) prepares and converts. fbgemm: the program is rebuilt into modules (see
 rebuild.py), prepared with `prepare_qat_fx` (conv+bn fused into QAT modules that keep learning their
 batch-norm statistics until frozen), trained, converted with `convert_fx` and compiled to TorchScript. x86:
 torchao's `prepare_qat_pt2e` on the program, trained by the same loop (same batches, optimizer, freezing
@@ -9,10 +11,7 @@ schedule), converted and compiled by AOTInductor.
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from torch.ao.quantization import (
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     QConfig,
-    get_default_qat_qconfig_mapping,
 )
 from torch.ao.quantization.fake_quantize import (
     default_fused_per_channel_wt_fake_quant,
@@ -32,25 +30,15 @@ from torch.ao.quantization.fake_quantize import (
 
 from qaas.contract.jobs import QATConfig
 from qaas.contract.shapes import LABELS
-from workers.engine import backends
+from workers.engine import backends, lowering
+from workers.engine.checks.verify import Batch, call_model, flat_outputs
 from workers.engine.errors import EngineError
-from workers.engine.layers import ModuleProbe, unavailable
-from workers.engine.pipeline import Int8Model, Job, check_request, count_layers, quiet, start_job
-from workers.engine.rebuild import rebuild_modules
+from workers.engine.job import Int8Model, Job
+from workers.engine.lowering import Modes, QATRecipe
+from workers.engine.pipeline import check_request, start_job
+from workers.engine.quiet import quiet
 from workers.engine.result import ProgressFn, QuantResult
-from workers.engine.static import (
-    REDUCE_RANGE,
-    excluded_layers,
-    nothing_quantized,
-    qconfig_mapping,
-    script_float,
-    to_torchscript,
-    warn_few_samples,
-    weighted_layers,
-)
-from workers.engine.verify import Batch, call_model, flat_outputs
-from workers.engine.x86 import quantize_pt2e
-from workers.engine.x86_pt2 import aoti_model, example_inputs, freeze_pt2e, pt2e_eval, pt2e_train
+from workers.engine.static import REDUCE_RANGE, warn_few_samples
 
 __all__ = ["qat_qconfig", "quantize_qat_model"]
 
@@ -59,54 +47,6 @@ HISTOGRAM_NOTE = (
     "activation_observer histogram is not used for QAT (it would search the range again at every step): "
     "activations use moving-average min/max fake quantization, torch.ao's QAT default"
 )
-X86_QAT_LAYERS = (
-    "backend x86 trains a fake-quantized program whose layers do not pair one to one with the int8 "
-    "program's (its batch norms are folded only when converting); backend fbgemm gives per-layer numbers "
-    "for QAT"
-)
-X86_OBSERVER_NOTE = (
-    "activation_observer {observer} is not used by backend x86's QAT: activations use torchao's "
-    "moving-average min/max fake quantization"
-)
-
-
-@dataclass(frozen=True)
-class Modes:
-    """How to switch a prepared QAT model between training and evaluation, and freeze it part of the way."""
-
-    train: Callable[[Any], Any]
-    eval: Callable[[Any], Any]
-    freeze: Callable[[Any], Any]
-    disable_fake_quant: Callable[[Any], Any]
-    enable_fake_quant: Callable[[Any], Any]
-
-
-def _freeze_fx(model: Any) -> None:
-    model.apply(torch.ao.quantization.disable_observer)
-    model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
-
-
-FX_MODES = Modes(
-    train=lambda m: m.train(),
-    eval=lambda m: m.eval(),
-    freeze=_freeze_fx,
-    disable_fake_quant=lambda m: m.apply(torch.ao.quantization.disable_fake_quant),
-    enable_fake_quant=lambda m: m.apply(torch.ao.quantization.enable_fake_quant),
-)
-
-
-def _pt2e_modes() -> Modes:
-    from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
-
-    return Modes(
-        train=pt2e_train,
-        eval=pt2e_eval,
-        freeze=freeze_pt2e,
-        disable_fake_quant=lambda m: m.apply(disable_fake_quant),
-        enable_fake_quant=lambda m: m.apply(enable_fake_quant),
-    )
-
-
 LABELS_HELP = (
     "a training dataset with a 'labels' array (class indices for loss cross_entropy, targets shaped like "
     "the model's output for mse)"
@@ -162,7 +102,7 @@ def _loss(kind: str, output: Any, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.mse_loss(scores, labels.to(scores.dtype))
 
 
-def _train(job: Job, config: QATConfig, model: Any, modes: Modes = FX_MODES) -> None:
+def _train(job: Job, config: QATConfig, model: Any, modes: Modes) -> None:
     """Fine-tune the fake-quantized model; freeze observers and batch-norm statistics part of the way."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = (
@@ -195,7 +135,7 @@ def _train(job: Job, config: QATConfig, model: Any, modes: Modes = FX_MODES) -> 
     modes.eval(model)
 
 
-def _initialise_observers(job: Job, config: QATConfig, model: Any, modes: Modes = FX_MODES) -> None:
+def _initialise_observers(job: Job, config: QATConfig, model: Any, modes: Modes) -> None:
     """Observe calibration data with fake quantization off, so that training starts from sensible ranges."""
     limit = config.calibration_batches * config.batch_size
     batches: list[Batch] = job.batches(
@@ -209,91 +149,6 @@ def _initialise_observers(job: Job, config: QATConfig, model: Any, modes: Modes 
         call_model(model, batch, by_name=False)
         job.report("calibrating", 5.0 + 5.0 * (i + 1) / len(batches), f"batch {i + 1}/{len(batches)}")
     modes.enable_fake_quant(model)
-
-
-def _convert_fx(job: Job, config: QATConfig) -> Int8Model:
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
-
-    rebuilt = rebuild_modules(job.loaded.program, static=True)
-    job.notes.extend(rebuilt.warnings)
-    excluded = excluded_layers(rebuilt, job)
-    float_same_build = script_float(rebuilt.module)
-    # Training updates the tensors in place: work on a copy, so that the float reference stays as uploaded.
-    model = copy.deepcopy(rebuilt.module).train()
-    for param in model.parameters():
-        param.requires_grad_(param.is_floating_point())
-    qconfig = qat_qconfig(config, job.notes, job.backend)
-    mapping = qconfig_mapping(qconfig, get_default_qat_qconfig_mapping(job.backend), excluded)
-    example = job.batches("train", batch_size=2, limit=2)[0]
-    example.pop(LABELS, None)
-    prepared = prepare_qat_fx(model, mapping, tuple(example.values()))
-    if "calibration" in job.files:
-        with torch.no_grad():
-            _initialise_observers(job, config, prepared)
-    _train(job, config, prepared)
-    job.report("converting", 35.0, "converting the trained model to int8")
-    reference = copy.deepcopy(prepared)  # the fake-quantized model the int8 one must match
-    converted = convert_fx(prepared)
-    module = to_torchscript(converted, job.loaded, config.seed, job.notes)
-    quantized, float_layers = count_layers(module)
-    if not quantized:
-        raise nothing_quantized(job.loaded, bool(excluded))
-    probe = ModuleProbe(
-        _trained_float(reference),
-        converted,
-        weighted_layers(rebuilt, converted),
-        torch.backends.quantized.engine,
-    )
-    return Int8Model(
-        module,
-        quantized,
-        float_layers + len(rebuilt.float_weights),
-        float_same_build,
-        reference,
-        layer_probe=probe,
-    )
-
-
-def _trained_float(prepared: Any) -> Any:
-    """The trained model in float (a copy with fake quantization off): what per-layer SQNR compares the int8
-    layers with, since training moved the weights away from the uploaded ones on purpose."""
-    trained = copy.deepcopy(prepared).eval()
-    trained.apply(torch.ao.quantization.disable_fake_quant)
-    trained.apply(torch.ao.quantization.disable_observer)
-    return trained
-
-
-def _convert_x86(job: Job, config: QATConfig) -> Int8Model:
-    """torchao's prepare_qat_pt2e on a copy of the program, trained by the same loop, for AOTInductor."""
-    if config.activation_observer != "moving_average":
-        job.notes.append(X86_OBSERVER_NOTE.format(observer=config.activation_observer))
-    modes = _pt2e_modes()
-    trained: dict[str, Any] = {}
-
-    def calibrate(prepared: Any) -> None:
-        _initialise_observers(job, config, prepared, modes)
-
-    def train(prepared: Any) -> None:
-        for param in prepared.parameters():
-            param.requires_grad_(param.is_floating_point())
-        _train(job, config, prepared, modes)
-        reference = copy.deepcopy(prepared)  # the fake-quantized model the int8 one must match
-        modes.eval(reference)
-        trained["reference"] = reference
-
-    # Training updates the tensors in place, and a program's modules share its tensors: work on a copy.
-    quantized = quantize_pt2e(
-        copy.deepcopy(job.loaded.program),
-        mode="qat",
-        example_inputs=example_inputs(job),
-        calibrate=calibrate if "calibration" in job.files else None,
-        train=train,
-        per_channel=config.weight_granularity == "per_channel",
-        exclude=config.exclude,
-    )
-    job.report("converting", 35.0, "converted the trained model to int8 by torchao pt2e")
-    job.notes.append(unavailable(X86_QAT_LAYERS))
-    return aoti_model(job, quantized, trained.get("reference"))
 
 
 def quantize_qat_model(
@@ -333,8 +188,17 @@ def quantize_qat_model(
             "labels_required", f"the training dataset has no 'labels' array: give {LABELS_HELP}"
         )
 
+    def initialise(prepared: Any, modes: Modes) -> None:
+        _initialise_observers(job, config, prepared, modes)
+
+    recipe = QATRecipe(
+        qconfig=lambda engine: qat_qconfig(config, job.notes, engine),
+        initialise=initialise if "calibration" in job.files else None,
+        train=lambda prepared, modes: _train(job, config, prepared, modes),
+    )
+
     def convert(backend: str) -> Int8Model:
         with quiet():
-            return _convert_x86(job, config) if backend == "x86" else _convert_fx(job, config)
+            return lowering.get(backend).qat(job, config, recipe)
 
     return backends.run(job, convert)

@@ -13,12 +13,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from workers.engine import lowering
+from workers.engine.checks.verify import call_model, fidelity
 from workers.engine.errors import EngineError
 from workers.engine.measure import accuracy, prepare_verification
-from workers.engine.pipeline import quiet, start_job
-from workers.engine.verify import call_model, fidelity
-from workers.engine.x86 import load_aoti
-from workers.engine.x86_torchscript import load_torchscript
+from workers.engine.pipeline import start_job
+from workers.engine.quiet import quiet
 
 __all__ = ["COSINE_TOLERANCE", "SQNR_TOLERANCE_DB", "recheck"]
 
@@ -75,14 +75,10 @@ def recheck(
         job = start_job(
             mode, model_path, config, out_dir=artifact.parent, input_shapes=input_shapes, data=data
         )
-        job.backend = engine if engine in ("fbgemm", "x86") else job.backend
+        job.backend = engine if engine in lowering.REGISTRY else job.backend
         check = prepare_verification(job)
         try:
-            int8 = (
-                load_aoti(artifact)
-                if artifact.name.endswith(".aoti.pt2")
-                else load_torchscript(artifact, engine)
-            )
+            int8 = lowering.artifact_for_file(artifact.name).load(artifact, engine)
             outputs = [call_model(int8, b, by_name=job.by_name) for b in check.batches + check.extra]
         except Exception as exc:
             raise EngineError(

@@ -31,7 +31,7 @@ class ArtifactFile:
 
 @dataclass
 class QuantResult:
-    """The outcome of `quantize`: the chosen backend, files, metrics (DESIGN.md section 6) and how to load."""
+    """The outcome of `quantize`: the chosen backend, files, metrics (docs/architecture.md) and how to load."""
 
     backend: str
     artifacts: list[ArtifactFile]

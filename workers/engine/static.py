@@ -4,7 +4,9 @@ fbgemm on a `.pt2`: the program is rebuilt into modules (convolutions, batch nor
 rebuild.py) so that FX graph mode fuses conv+bn+relu and linear+relu, observes, converts; the result is
 compiled to TorchScript (`model.int8.ts`). x86 on a `.pt2`: torchao pt2e (X86InductorQuantizer) calibrated on
 the same batches, compiled by AOTInductor (`model.int8.aoti.pt2`). TorchScript uploads go through TorchScript
-graph mode (`quantize_jit`) on the fbgemm or x86 engine. backends.run verifies and measures the result.
+graph mode (`quantize_jit`) on the fbgemm or x86 engine. This module holds the mode's part (the observers,
+the calibration batches and pass, as a `StaticRecipe`); the job's backend (workers.engine.lowering) prepares
+and converts; backends.run verifies and measures the result.
 """
 
 from __future__ import annotations
@@ -18,38 +20,21 @@ from torch.ao.quantization import (
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     QConfig,
-    QConfigMapping,
     default_per_channel_weight_observer,
     default_weight_observer,
 )
 
 from qaas.contract.jobs import StaticConfig
-from workers.engine import backends
+from workers.engine import backends, lowering
+from workers.engine.checks.verify import Batch, call_model, fixed_batch
 from workers.engine.errors import EngineError
-from workers.engine.io import LoadedModel
-from workers.engine.layers import (
-    GRAPH_MODE,
-    ModuleProbe,
-    ProgramProbe,
-    fused_float,
-    quantized_layers,
-    unavailable,
-)
-from workers.engine.pipeline import Exclusions, Int8Model, Job, check_request, count_layers, quiet, start_job
-from workers.engine.rebuild import RebuiltModel, rebuild_modules
+from workers.engine.job import Int8Model, Job
+from workers.engine.lowering import StaticRecipe
+from workers.engine.pipeline import check_request, start_job
+from workers.engine.quiet import quiet
 from workers.engine.result import ProgressFn, QuantResult
-from workers.engine.verify import Batch, call_model, fixed_batch, random_batch
-from workers.engine.x86 import quantize_pt2e
-from workers.engine.x86_pt2 import aoti_model, example_inputs
-from workers.engine.x86_torchscript import qconfig_mapping as default_mapping
 
-__all__ = [
-    "activation_observer",
-    "qconfig_mapping",
-    "quantize_static_model",
-    "static_qconfig",
-    "to_torchscript",
-]
+__all__ = ["activation_observer", "calibration_batches", "quantize_static_model", "static_qconfig"]
 
 MIN_CALIBRATION_SAMPLES = 32
 OBSERVERS: dict[str, Any] = {
@@ -58,10 +43,9 @@ OBSERVERS: dict[str, Any] = {
     "histogram": HistogramObserver,
 }
 # fbgemm's int8 kernels can overflow with the full 8-bit activation range on CPUs without VNNI; torch's
-# fbgemm and x86 defaults keep 7 bits (ENGINE_NOTES: full range breaks depthwise convolutions on both).
+# fbgemm and x86 defaults keep 7 bits (docs/engine-notes.md, "Seven-bit activations": full range breaks
+# depthwise convolutions on both).
 REDUCE_RANGE = {"fbgemm": True, "x86": True}
-STATIC_LAYERS = "Conv1d/2d/3d, Linear and BatchNorm (fused with a following ReLU)"
-WEIGHTED = {"Linear", "Conv1d", "Conv2d", "Conv3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"}
 
 
 def activation_observer(config: Any, backend: str = "fbgemm") -> Any:
@@ -81,75 +65,6 @@ def static_qconfig(config: Any, backend: str = "fbgemm") -> QConfig:
         else default_weight_observer
     )
     return QConfig(activation=activation_observer(config, backend), weight=weight)
-
-
-def qconfig_mapping(qconfig: QConfig, base: QConfigMapping, excluded: list[str]) -> QConfigMapping:
-    """torch's default mapping for the engine (`base`) with `qconfig` as the global one, excluded names float.
-
-    The per-type entries that share the default's activation observer (transposed convolutions, layer norm)
-    get the job's observer too; fixed-qparams ops (sigmoid, tanh, softmax) keep theirs.
-    """
-    default = base.global_qconfig
-    base.set_global(qconfig)
-    for key, entry in list(base.object_type_qconfigs.items()):
-        if entry is not None and default is not None and entry.activation is default.activation:
-            base.set_object_type(key, QConfig(activation=qconfig.activation, weight=entry.weight))
-    for name in excluded:
-        base.set_module_name(name, None)
-    return base
-
-
-def excluded_layers(rebuilt: RebuiltModel, job: Job) -> list[str]:
-    """The rebuilt module names that config.exclude keeps in float (by path, module name or type name).
-
-    Raises:
-        EngineError: nothing_quantized when no layer static quantization converts is left, before any
-            calibration or training time is spent.
-    """
-    excluded = Exclusions(job.config.exclude)
-    names = [n for n, (path, kind) in rebuilt.layers.items() if excluded(path, n, type_name=kind)]
-    job.notes.extend(excluded.unused_warnings())
-    if not any(kind in WEIGHTED for n, (_, kind) in rebuilt.layers.items() if n not in names):
-        raise nothing_quantized(job.loaded, any(kind in WEIGHTED for _, kind in rebuilt.layers.values()))
-    return names
-
-
-def nothing_quantized(loaded: LoadedModel, excluded: bool) -> EngineError:
-    """The error for a model in which no layer became int8, listing the layer types it has."""
-    found = ", ".join(f"{kind} ({count})" for kind, count in loaded.info.layers.items()) or "none"
-    why = "every candidate layer is excluded" if excluded else f"static quantization converts {STATIC_LAYERS}"
-    return EngineError("nothing_quantized", f"no layer was quantized ({why}); the model's layers: {found}")
-
-
-def to_torchscript(module: Any, loaded: LoadedModel, seed: int, notes: list[str]) -> Any:
-    """Script a converted module (every dimension stays dynamic), or trace it when scripting fails; freeze it.
-
-    Freezing inlines the quantized modules into one forward with their packed weights as constants: the same
-    outputs, a quarter to a third smaller on the test CNNs (the code of each torch.ao module class goes), no
-    slower.
-    """
-    try:
-        compiled = torch.jit.script(module)
-    except Exception as exc:
-        # Tracing is the fallback: pipeline.finish runs the artifact at batch 1 and 3 to catch a fixed batch.
-        notes.append(
-            f"the int8 model was traced, not scripted ({type(exc).__name__}); check other input shapes"
-        )
-        specs = loaded.info.inputs
-        example = random_batch(specs, fixed_batch(specs) or 2, seed=seed)
-        compiled = torch.jit.trace(module, tuple(example.values()), check_trace=False)
-    try:
-        return torch.jit.freeze(compiled.eval())
-    except Exception:
-        return compiled  # an unfrozen module is as correct, only bigger
-
-
-def script_float(module: Any) -> Any:
-    """The float model compiled like the int8 one, for the same-build speedup; None when it cannot be."""
-    try:
-        return torch.jit.script(module)
-    except Exception:
-        return None  # only a comparison is lost: the benchmark then reports fp32 as uploaded
 
 
 def _observe(job: Job, model: Any, batches: list[Batch], stage: str, span: tuple[float, float]) -> None:
@@ -180,91 +95,6 @@ def warn_few_samples(job: Job) -> None:
             f"only {job.calibration_samples} calibration samples were observed: activation ranges from fewer "
             f"than {MIN_CALIBRATION_SAMPLES} are often off; give 100-500 samples like those the model sees"
         )
-
-
-def _convert_program(job: Job, config: StaticConfig, batches: list[Batch]) -> Int8Model:
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    rebuilt = rebuild_modules(job.loaded.program, static=True)
-    job.notes.extend(rebuilt.warnings)
-    excluded = excluded_layers(rebuilt, job)
-    float_same_build = script_float(rebuilt.module)
-    fused = fused_float(rebuilt.module)  # the float side of per-layer SQNR, one module per int8 module
-    qconfig = static_qconfig(config, job.backend)
-    mapping = qconfig_mapping(qconfig, default_mapping(job.backend), excluded)
-    prepared = prepare_fx(rebuilt.module, mapping, tuple(batches[0].values()))
-    _observe(job, prepared, batches, "calibrating", (10.0, 35.0))
-    job.report("converting", 35.0, "converting to int8")
-    converted = convert_fx(prepared)
-    module = to_torchscript(converted, job.loaded, config.seed, job.notes)
-    quantized, float_layers = count_layers(module)
-    if not quantized:
-        raise nothing_quantized(job.loaded, bool(excluded))
-    probe = ModuleProbe(
-        fused, converted, weighted_layers(rebuilt, converted), torch.backends.quantized.engine
-    )
-    return Int8Model(module, quantized, float_layers, float_same_build, layer_probe=probe)
-
-
-def weighted_layers(rebuilt: RebuiltModel, converted: Any) -> dict[str, tuple[str, str]]:
-    """The rebuilt weighted layers (conv, linear, batch norm) that are int8 modules in `converted`: a fused
-    group under its first layer's name (conv+bn+relu is the conv)."""
-    candidates = {n: layer for n, layer in rebuilt.layers.items() if layer[1] in WEIGHTED}
-    return quantized_layers(converted, candidates)
-
-
-def _convert_script(job: Job, config: StaticConfig, batches: list[Batch]) -> Int8Model:
-    model = job.loaded.module
-    leaves = {n: m for n, m in model.named_modules() if n and not any(True for _ in m.children())}
-    excluded = Exclusions(config.exclude)
-    qconfigs: dict[str, Any] = {"": static_qconfig(config, job.backend)}
-    for name, sub in leaves.items():
-        if excluded(name, type_name=sub.original_name):
-            qconfigs[name] = None
-    job.notes.extend(excluded.unused_warnings())
-
-    def calibrate(prepared: Any, data: list[Batch]) -> None:
-        _observe(job, prepared, data, "calibrating", (10.0, 35.0))
-
-    module = torch.ao.quantization.quantize_jit(model, qconfigs, calibrate, [batches])
-    job.report("converting", 35.0, "converted to int8 by TorchScript graph mode")
-    quantized, float_layers = count_layers(module)
-    if not quantized:
-        candidates = [n for n, m in leaves.items() if m.original_name in WEIGHTED]
-        raise nothing_quantized(job.loaded, bool(candidates) and all(n in qconfigs for n in candidates))
-    job.notes.append(unavailable(GRAPH_MODE))
-    # The uploaded TorchScript is already the same build as the int8 model: it is its own comparison.
-    return Int8Model(module, quantized, float_layers, model)
-
-
-def _convert_x86_program(job: Job, config: StaticConfig, batches: list[Batch]) -> Int8Model:
-    """torchao pt2e (X86InductorQuantizer) calibrated on the same batches, for AOTInductor."""
-
-    def calibrate(prepared: Any) -> None:
-        _observe(job, prepared, batches, "calibrating", (10.0, 35.0))
-
-    quantized = quantize_pt2e(
-        job.loaded.program,
-        mode="static",
-        example_inputs=example_inputs(job),
-        calibrate=calibrate,
-        per_channel=config.weight_granularity == "per_channel",
-        observer=config.activation_observer,
-        exclude=config.exclude,
-    )
-    job.report("converting", 35.0, "converted to int8 by torchao pt2e")
-    made = aoti_model(job, quantized)
-    made.layer_probe = ProgramProbe(job.loaded.module, quantized.program.module())
-    return made
-
-
-def _convert(job: Job, config: StaticConfig, batches: list[Batch]) -> Int8Model:
-    with quiet():
-        if job.format != "pt2":
-            return _convert_script(job, config, batches)
-        if job.backend == "x86":
-            return _convert_x86_program(job, config, batches)
-        return _convert_program(job, config, batches)
 
 
 def quantize_static_model(
@@ -304,4 +134,14 @@ def quantize_static_model(
     )
     batches = calibration_batches(job, config)  # the same batches for every candidate backend
     job.report("calibrating", 10.0, f"observing {job.calibration_samples} calibration samples")
-    return backends.run(job, lambda backend: _convert(job, config, batches))
+    recipe = StaticRecipe(
+        qconfig=lambda engine: static_qconfig(config, engine),
+        calibrate=lambda prepared: _observe(job, prepared, batches, "calibrating", (10.0, 35.0)),
+        example=tuple(batches[0].values()),
+    )
+
+    def convert(backend: str) -> Int8Model:
+        with quiet():
+            return lowering.get(backend).static(job, config, recipe)
+
+    return backends.run(job, convert)

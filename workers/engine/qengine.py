@@ -1,22 +1,20 @@
-"""The x86 backend for TorchScript output: torch.ao's `x86` quantized engine.
+"""torch.ao's quantized engine, a process-wide switch: set it for a block, or bind a loaded module to one.
 
-The torch.ao flows (FX, eager, TorchScript graph mode) are the same as on fbgemm; what changes is the engine
-set while quantizing and while running. The engine set when a TorchScript file is loaded and run decides its
-speed, whichever engine quantized it (ENGINE_NOTES.md), so the loaded model is bound to its engine.
+The engine set when an int8 TorchScript module is loaded and run decides its speed, whichever engine quantized
+it (docs/engine-notes.md): a module is loaded under its engine and runs under it.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from workers.engine.errors import EngineError
 
-__all__ = ["EngineBoundModule", "load_torchscript", "qconfig_mapping", "set_engine"]
+__all__ = ["EngineBoundModule", "set_engine"]
 
 
 @contextlib.contextmanager
@@ -44,13 +42,6 @@ def set_engine(name: str) -> Iterator[str]:
         torch.backends.quantized.engine = previous
 
 
-def qconfig_mapping(engine: str) -> Any:
-    """torch.ao's default static QConfigMapping for an engine ("x86": per-channel weights)."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-
-    return get_default_qconfig_mapping(engine)
-
-
 class EngineBoundModule:
     """A TorchScript module that runs under the quantized engine it was loaded with.
 
@@ -74,17 +65,3 @@ class EngineBoundModule:
             return self.module(*args, **kwargs)
         finally:
             torch._C._set_qengine(previous)
-
-
-def load_torchscript(path: str | Path, engine: str) -> EngineBoundModule:
-    """Load an int8 TorchScript file under `engine` ("x86" or "fbgemm"), bound to it for every call.
-
-    Loading re-packs the int8 weights for the engine set at that moment, so the engine is set for the load
-    too. The snippet users get must do the same: set `torch.backends.quantized.engine`, then `torch.jit.load`.
-
-    Example:
-        >>> model = load_torchscript("model.int8.ts", "x86"); y = model(x=batch)
-    """
-    with set_engine(engine):
-        module = torch.jit.load(str(path), map_location="cpu")
-    return EngineBoundModule(module.eval(), engine)

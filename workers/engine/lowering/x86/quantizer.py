@@ -9,11 +9,13 @@ from typing import Any
 
 import torch
 
+from workers.engine.checks.layers import module_path
+from workers.engine.exclude import Exclusions
+
 __all__ = [
     "SINGLE_CHANNEL_NOTE",
     "split_shared_activations",
     "make_quantizer",
-    "module_path",
     "quantization_config",
     "single_channel_convs",
 ]
@@ -28,16 +30,6 @@ SINGLE_CHANNEL_NOTE = (
     "{path} (a convolution with 1 input channel) is kept in float: with a dynamic batch, Inductor lays out "
     "its int8 output wrongly; it is a small share of the work"
 )
-
-
-def module_path(node: torch.fx.Node) -> tuple[str, str]:
-    """(innermost module path, its class name) of a graph node, ("", "") for the root's own ops."""
-    stack = list((node.meta.get("nn_module_stack") or {}).values())
-    if not stack:
-        return "", ""
-    path, cls = stack[-1]
-    name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-    return str(path).removeprefix("L['self']."), name.rsplit(".", 1)[-1]
 
 
 def single_channel_convs(graph: torch.fx.Graph) -> list[torch.fx.Node]:
@@ -99,15 +91,12 @@ def make_quantizer(
 
     quantizer = Quantizer().set_global(config)
     layers = {module_path(n) for n in graph.nodes if n.op == "call_function"}
-    excluded: set[str] = set()
-    for entry in exclude:
-        # An entry names a module path (and everything under it) or a layer type ("Linear").
-        paths = {p for p, t in layers if p and (p == entry or p.startswith(entry + ".") or t == entry)}
-        if not paths:
-            notes.append(f"exclude entry '{entry}' matched no layer")
-        for path in sorted(paths):
-            quantizer.set_module_name_qconfig(path, None)
-        excluded |= paths
+    # An entry names a module path (and everything under it) or a layer type ("Linear").
+    matcher = Exclusions(exclude)
+    excluded = {path for path, type_name in layers if path and matcher(path, type_name=type_name)}
+    notes.extend(matcher.unused_warnings())
+    for path in sorted(excluded):
+        quantizer.set_module_name_qconfig(path, None)
     single = [module_path(node)[0] or node.name for node in single_channel_convs(graph)]
     return quantizer, [path for path in single if path not in excluded]
 

@@ -24,8 +24,8 @@ from typing import Any, Protocol, TypeGuard
 import torch
 from torch import nn
 
-from workers.engine.verify import SQNR_CAP_DB, Batch, call_model
-from workers.engine.x86_torchscript import set_engine
+from workers.engine.checks.verify import SQNR_CAP_DB, Batch, call_model, flat_outputs
+from workers.engine.qengine import set_engine
 
 __all__ = [
     "GRAPH_MODE",
@@ -38,6 +38,7 @@ __all__ = [
     "fused_float",
     "low_sqnr_warnings",
     "measure_layers",
+    "module_path",
     "quantized_layers",
     "unavailable",
 ]
@@ -74,19 +75,6 @@ class LayerProbe(Protocol):
     """Something that measures per-layer SQNR on verification batches."""
 
     def measure(self, batches: Sequence[Batch], *, by_name: bool) -> Measured: ...
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    """The floating-point tensors of a layer output, quantized ones dequantized, in order."""
-    if isinstance(value, torch.Tensor):
-        if value.is_quantized:
-            return [value.dequantize()]
-        return [value] if value.is_floating_point() else []
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
-    return []
 
 
 def _qparams(value: Any) -> Any:
@@ -129,7 +117,7 @@ class _Sums:
     failure: str | None = None
 
     def add(self, reference: Any, candidate: Any) -> None:
-        refs, cands = _tensors(reference), _tensors(candidate)
+        refs, cands = flat_outputs(reference, dequantize=True), flat_outputs(candidate, dequantize=True)
         if [t.shape for t in refs] != [t.shape for t in cands] or not refs:
             self.failure = "its int8 output differs in shape"
             return
@@ -246,8 +234,8 @@ def _measured(sums: Iterable[tuple[tuple[str, str], _Sums]]) -> Measured:
     return Measured(sorted(rows, key=lambda row: (row["sqnr_db"], row["name"])), failures)
 
 
-def _innermost(node: torch.fx.Node) -> tuple[str, str]:
-    """(module path, class name) of the innermost module a graph node was traced in, ("", "") at the root."""
+def module_path(node: torch.fx.Node) -> tuple[str, str]:
+    """(innermost module path, its class name) of a graph node, ("", "") for the root's own ops."""
     stack = list((node.meta.get("nn_module_stack") or {}).values())
     if not stack:
         return "", ""
@@ -262,7 +250,7 @@ def _weighted_nodes(graph: torch.fx.Graph) -> dict[tuple[str, str, int], torch.f
     seen: dict[tuple[str, str], int] = {}
     for node in graph.nodes:
         if node.op == "call_function" and str(node.target) in WEIGHTED_OPS:
-            key = (_innermost(node)[0], str(node.target))
+            key = (module_path(node)[0], str(node.target))
             found[(*key, seen.get(key, 0))] = node
             seen[key] = seen.get(key, 0) + 1
     return found
@@ -348,7 +336,7 @@ class ProgramProbe:
         int8s = _weighted_nodes(self.int8_module.graph)
         pairs = {floats[k]: int8s[k] for k in floats.keys() & int8s.keys() if _is_quant_op(int8s[k].args[1])}
         labels = {
-            f: (k[0] or f.name, _innermost(f)[1] or WEIGHTED_OPS[k[1]])
+            f: (k[0] or f.name, module_path(f)[1] or WEIGHTED_OPS[k[1]])
             for k, f in floats.items()
             if f in pairs
         }

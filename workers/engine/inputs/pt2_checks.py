@@ -19,10 +19,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from workers.engine.archive import MAX_JSON_BYTES, _listing, _parse_json, check_zip
 from workers.engine.errors import EngineError
+from workers.engine.inputs.archive import MAX_JSON_BYTES, _listing, _parse_json, check_zip, pt2_records
 
-__all__ = ["check_pt2_payloads", "pt2_records"]
+__all__ = ["check_pt2_payloads"]
 
 # torch.export's archive layout, as torch 2.13 reads it (torch/csrc/export/pt2_archive_constants.h).
 PT2_MODELS_DIR = "models/"
@@ -32,8 +32,6 @@ PT2_SAMPLE_INPUTS = "data/sample_inputs/{}.pt"
 PT2_AOTI_DIR = "data/aotinductor/"
 PT2_TENSOR_CONSTANT_PREFIX = "tensor_"
 PT2_OBJECT_PREFIXES = ("custom_obj_", "opaque_obj_")
-# PyTorchStreamReader::getAllRecords copies each name into a 512-byte buffer: longer names are listed cut.
-PT2_MAX_NAME_BYTES = 511
 _PT2_MODEL_RECORD = re.compile(r"models/([A-Za-z0-9_.-]+)\.json")
 _PT2_PATH_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 RESAVE_HINT = "re-save the program with torch.export.save from plain tensors"
@@ -56,72 +54,6 @@ _SYM_EXPR_STRINGS = {
     "Symbol": re.compile(r"[A-Za-z_][A-Za-z0-9_]*"),
     "Float": re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"),
 }
-
-
-def _raw_name(info: zipfile.ZipInfo) -> bytes:
-    # zipfile decodes names as UTF-8 when flagged, cp437 otherwise (both reversible); miniz compares bytes.
-    return info.filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
-
-
-def _plain_path(name: str) -> bool:
-    return (
-        bool(name)
-        and not name.startswith("/")
-        and "\\" not in name
-        and "\x00" not in name
-        and all(part not in ("", ".", "..") for part in name.split("/"))
-    )
-
-
-def pt2_records(zf: zipfile.ZipFile) -> tuple[str, dict[str, zipfile.ZipInfo]]:
-    """The archive as torch's reader sees it: its root folder and its records (names below the root).
-
-    torch.export.load reads through PyTorchStreamReader (caffe2/serialize/inline_container.cc): the root is
-    the first entry's top folder, every lookup is `root + "/" + name` matched by miniz without regard to
-    ASCII case, and the listing cuts names at 511 bytes. Names that miniz could match to another entry than
-    zipfile (case twins, duplicates, cut names) or that only exist to be reached by joined paths (`//`,
-    absolute, `..`, `\\`) are refused, so that every name below means one entry to both readers.
-
-    Raises:
-        EngineError: not_a_model.
-    """
-    infos = zf.infolist()
-    if not infos or "/" not in infos[0].filename:
-        raise EngineError("not_a_model", "a .pt2 archive keeps every file under one folder; re-save it")
-    seen: dict[bytes, str] = {}
-    for info in infos:
-        raw, name = _raw_name(info), info.filename
-        if len(raw) > PT2_MAX_NAME_BYTES:
-            raise EngineError(
-                "not_a_model",
-                f"the archive entry {name[:64]!r}… is {len(raw)} bytes long; torch's reader cuts names at "
-                f"{PT2_MAX_NAME_BYTES} bytes and would read another file: re-save the program",
-            )
-        if not _plain_path(name.removesuffix("/")):
-            raise EngineError(
-                "not_a_model",
-                f"the archive entry {name!r} is not a plain relative path (it is absolute, or holds '//', "
-                "'\\', '.' or '..'); torch.export.save never writes one: re-save the program",
-            )
-        folded = raw.lower()  # bytes.lower() folds ASCII only, as miniz does
-        if folded in seen:
-            raise EngineError(
-                "not_a_model",
-                f"the archive entries {seen[folded]!r} and {name!r} differ only in case (or are the same "
-                "name twice); torch's reader ignores case and could read either: re-save the program",
-            )
-        seen[folded] = name
-    root = infos[0].filename.split("/", 1)[0]
-    records: dict[str, zipfile.ZipInfo] = {}
-    for info in infos:
-        if not info.filename.startswith(f"{root}/"):
-            raise EngineError(
-                "not_a_model",
-                f"the archive entry {info.filename!r} is outside the folder {root!r} that torch reads; "
-                "a .pt2 archive keeps every file under one folder: re-save it",
-            )
-        records[info.filename[len(root) + 1 :]] = info
-    return root, records
 
 
 def _payload_config(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict[str, Any]:

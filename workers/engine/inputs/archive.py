@@ -1,7 +1,7 @@
 """Zip archives from users: safety checks before anything reads them, and model format detection by content.
 
 Only the stdlib is imported at module level. What a `.pt2` could make torch run is checked in
-workers.engine.pt2_checks.
+workers.engine.inputs.pt2_checks.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qaas.contract.archives import ArchiveLimits, ArchiveRefused, check_zip_file
+from qaas.contract.support import listing
 from workers.engine.errors import EngineError
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "extract_hf_model",
     "inspect_hf_archive",
     "open_zip",
+    "pt2_records",
 ]
 
 # The rules are qaas.contract.archives' (the API checks every upload with them too); these name its limits here.
@@ -112,9 +114,7 @@ def open_zip(path: str | Path) -> zipfile.ZipFile | None:
 
 
 def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:LISTED_NAMES]) or "no files"
-    more = len(names) - LISTED_NAMES
-    return shown + (f" and {more} more" if more > 0 else "")
+    return listing(names, most=LISTED_NAMES, none="no files")
 
 
 def _looks_like_pickle(head: bytes) -> bool:
@@ -182,8 +182,6 @@ def detect_model_format(path: str | Path) -> str:
                 raise EngineError(
                     "not_a_model", "a .pt2 archive keeps every file under one folder; re-save it"
                 )
-            from workers.engine.pt2_checks import pt2_records
-
             pt2_records(zf)  # names that torch's reader would resolve to another entry
             if zf.read(f"{prefixes[0]}/archive_format").strip() != b"pt2":
                 raise EngineError(
@@ -385,3 +383,73 @@ def extract_hf_model(path: str | Path, target: str | Path) -> HFArchive:
                 while chunk := src.read(1024 * 1024):
                     dst.write(chunk)
     return archive
+
+
+# PyTorchStreamReader::getAllRecords copies each name into a 512-byte buffer: longer names are listed cut.
+PT2_MAX_NAME_BYTES = 511
+
+
+def _raw_name(info: zipfile.ZipInfo) -> bytes:
+    # zipfile decodes names as UTF-8 when flagged, cp437 otherwise (both reversible); miniz compares bytes.
+    return info.filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+
+
+def _plain_path(name: str) -> bool:
+    return (
+        bool(name)
+        and not name.startswith("/")
+        and "\\" not in name
+        and "\x00" not in name
+        and all(part not in ("", ".", "..") for part in name.split("/"))
+    )
+
+
+def pt2_records(zf: zipfile.ZipFile) -> tuple[str, dict[str, zipfile.ZipInfo]]:
+    """The archive as torch's reader sees it: its root folder and its records (names below the root).
+
+    torch.export.load reads through PyTorchStreamReader (caffe2/serialize/inline_container.cc): the root is
+    the first entry's top folder, every lookup is `root + "/" + name` matched by miniz without regard to
+    ASCII case, and the listing cuts names at 511 bytes. Names that miniz could match to another entry than
+    zipfile (case twins, duplicates, cut names) or that only exist to be reached by joined paths (`//`,
+    absolute, `..`, `\\`) are refused, so that every name below means one entry to both readers.
+
+    Raises:
+        EngineError: not_a_model.
+    """
+    infos = zf.infolist()
+    if not infos or "/" not in infos[0].filename:
+        raise EngineError("not_a_model", "a .pt2 archive keeps every file under one folder; re-save it")
+    seen: dict[bytes, str] = {}
+    for info in infos:
+        raw, name = _raw_name(info), info.filename
+        if len(raw) > PT2_MAX_NAME_BYTES:
+            raise EngineError(
+                "not_a_model",
+                f"the archive entry {name[:64]!r}… is {len(raw)} bytes long; torch's reader cuts names at "
+                f"{PT2_MAX_NAME_BYTES} bytes and would read another file: re-save the program",
+            )
+        if not _plain_path(name.removesuffix("/")):
+            raise EngineError(
+                "not_a_model",
+                f"the archive entry {name!r} is not a plain relative path (it is absolute, or holds '//', "
+                "'\\', '.' or '..'); torch.export.save never writes one: re-save the program",
+            )
+        folded = raw.lower()  # bytes.lower() folds ASCII only, as miniz does
+        if folded in seen:
+            raise EngineError(
+                "not_a_model",
+                f"the archive entries {seen[folded]!r} and {name!r} differ only in case (or are the same "
+                "name twice); torch's reader ignores case and could read either: re-save the program",
+            )
+        seen[folded] = name
+    root = infos[0].filename.split("/", 1)[0]
+    records: dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        if not info.filename.startswith(f"{root}/"):
+            raise EngineError(
+                "not_a_model",
+                f"the archive entry {info.filename!r} is outside the folder {root!r} that torch reads; "
+                "a .pt2 archive keeps every file under one folder: re-save it",
+            )
+        records[info.filename[len(root) + 1 :]] = info
+    return root, records

@@ -1,61 +1,53 @@
-"""The x86 backend for `.pt2` programs: torchao pt2e (X86InductorQuantizer) compiled by AOTInductor.
+"""torchao's pt2e flow for the x86 backend: quantize a `.pt2` program with X86InductorQuantizer.
 
     quantized = quantize_pt2e(program, mode="static", example_inputs=(x,), calibrate=run_batches)
-    package = compile_aoti(quantized.program, out_dir / ARTIFACT, require_int8=True)
-    model = load_aoti(package)        # model(x) -> output, checks input shapes
 
 The q/dq program that `convert_pt2e` returns is slower than fp32 when run eagerly; the speed comes from
-Inductor's oneDNN int8 kernels, frozen into an AOTInductor package that plain torch loads
-(ENGINE_NOTES.md, "Fast x86 artifact"). The package's `.so` targets the compiling CPU's ISA.
+Inductor's oneDNN int8 kernels once it is compiled (aoti.py; docs/engine-notes.md, "Fast x86 artifact").
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 import re
-import warnings
-import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.fx.experimental._config
 from torch import nn
 
-from qaas.contract.support import X86_PER_TENSOR
+from qaas.contract.backends import X86_PER_TENSOR
+from workers.engine.checks.layers import module_path
+from workers.engine.checks.verify import fixed_batch
 from workers.engine.cpu import cpu_info
 from workers.engine.errors import EngineError
-from workers.engine.result import atomic_write
-from workers.engine.x86_quantizer import (
+from workers.engine.job import Job
+from workers.engine.lowering.x86.quantizer import (
     SINGLE_CHANNEL_NOTE,
     make_quantizer,
-    module_path,
     quantization_config,
     split_shared_activations,
 )
+from workers.engine.quiet import quiet
 
 __all__ = [
-    "ARTIFACT",
     "MODES",
     "OBSERVERS",
     "QuantizedProgram",
-    "compile_aoti",
     "dynamic_shapes_of",
-    "int8_kernel_count",
+    "example_inputs",
+    "freeze_pt2e",
     "layer_report",
-    "load_aoti",
+    "pt2e_eval",
+    "pt2e_train",
     "quantize_pt2e",
     "state_bytes",
     "strip_dead_weights",
 ]
 
-ARTIFACT = "model.int8.aoti.pt2"
 MODES = ("static", "qat", "dynamic")
 OBSERVERS = ("histogram", "minmax", "moving_average")
+BATCH_NORMS = ("aten.batch_norm.default", "aten._native_batch_norm_legit.default")
 WEIGHTED_OPS = {
     "aten.conv1d.default",
     "aten.conv2d.default",
@@ -63,8 +55,6 @@ WEIGHTED_OPS = {
     "aten.linear.default",
 }
 DEQUANTIZE_WEIGHT = re.compile(r"quantized_decomposed\.dequantize_per_(channel|tensor)")
-# The wrapper of an AOTInductor package calls oneDNN int8 kernels through these shims.
-INT8_KERNEL = re.compile(r"aoti_torch_cpu__(qconv\w*|qlinear\w*)\(")
 NOTHING = "no convolution or linear layer was quantized by the x86 (pt2e) quantizer"
 
 
@@ -81,24 +71,6 @@ class QuantizedProgram:
     float_layers: list[str]
     stripped_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """torchao logs every optional CUDA library it cannot load, and pt2e warns about deprecated paths."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|torchao)(\.|$)")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def dynamic_shapes_of(program: torch.export.ExportedProgram) -> tuple[dict[int, Any] | None, ...]:
@@ -236,7 +208,7 @@ def quantize_pt2e(
         reduce_range = not any(flag in isa for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
     notes: list[str] = []
     shapes = dynamic_shapes_of(program)
-    with _quiet():
+    with quiet():
         from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 
@@ -278,82 +250,33 @@ def quantize_pt2e(
     return QuantizedProgram(result, quantized, floating, stripped, notes)
 
 
-def int8_kernel_count(package: str | Path) -> int | None:
-    """How many oneDNN int8 conv/linear calls an AOTInductor package's wrapper makes (None: no source kept)."""
-    with zipfile.ZipFile(package) as zf:
-        sources = [n for n in zf.namelist() if n.endswith("wrapper.cpp")]
-        if not sources:
-            return None
-        return sum(len(INT8_KERNEL.findall(zf.read(n).decode("utf-8", "replace"))) for n in sources)
+def example_inputs(job: Job) -> tuple[Any, ...]:
+    """Inputs to re-export the program with: batch 2 unless fixed (a batch of 1 would specialize the dim)."""
+    specs = job.loaded.info.inputs
+    return tuple(job.random_batch(fixed_batch(specs) or 2, job.config.seed).values())
 
 
-def compile_aoti(
-    program: torch.export.ExportedProgram,
-    out_path: str | Path,
-    *,
-    freezing: bool = True,
-    require_int8: bool = False,
-) -> Path:
-    """Compile a program (int8 or fp32) into an AOTInductor package, written atomically.
+def pt2e_train(model: Any) -> None:
+    from torchao.quantization.pt2e import move_exported_model_to_train
 
-    Runs under no_grad (without it the package silently keeps fp32 convolutions) with weight freezing, and
-    without debug information (its .so files carry no .debug_* sections). Inductor compiles with
-    TORCHINDUCTOR_COMPILE_THREADS threads (1 when unset: a sandbox that limits processes breaks a compile
-    pool) and caches in TORCHINDUCTOR_CACHE_DIR when set. Takes 10-40 s on 2 cores.
-
-    Args:
-        program: an ExportedProgram (`quantize_pt2e(...).program`, or the float upload for a same-build
-            baseline).
-        out_path: where the package goes, e.g. out_dir / ARTIFACT; it must end in ".pt2".
-        freezing: fold weights into constants (what makes the oneDNN int8 kernels apply).
-        require_int8: raise when the compiled wrapper calls no int8 kernel (and remove the package).
-
-    Raises:
-        EngineError: nothing_quantized when require_int8 and the package runs no int8 conv/linear.
-    """
-    out_path = Path(out_path)
-    if out_path.suffix != ".pt2":
-        raise ValueError(f"an AOTInductor package path must end in .pt2, got {out_path.name!r}")
-    configs = {
-        "freezing": freezing,
-        "compile_threads": int(os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "1")),
-        # A dynamic batch is compiled for sizes >= 2 (0/1 specialization); the kernels are correct at 1, but
-        # AOTI_RUNTIME_CHECK_INPUTS would refuse a batch of 1 without this.
-        "aot_inductor.check_lowerbound": False,
-        # On by default, it compiles with -g1: 1.1 MB of DWARF in every .so (1.5 MB of a 1.6 MB package for
-        # a 120 KB CNN), read by profilers, never when the package runs.
-        "aot_inductor.enable_line_tables": False,
-    }
-
-    def write(temp: Path) -> None:
-        # Without size-oblivious reasoning, the fake convolution's oneDNN heuristic (`batch >= 16`) is decided
-        # from the example batch and narrows the batch to 2..15 in the package: batch 16 was refused.
-        oblivious = torch.fx.experimental._config.patch(backed_size_oblivious=True)  # type: ignore[attr-defined]
-        with open(temp, "wb") as f, torch.no_grad(), _quiet(), oblivious:
-            torch._inductor.aoti_compile_and_package(program, package_path=f, inductor_configs=configs)
-
-    atomic_write(out_path, write)
-    if require_int8 and int8_kernel_count(out_path) == 0:
-        out_path.unlink(missing_ok=True)
-        raise EngineError(
-            "nothing_quantized",
-            "the compiled package runs no int8 convolution or linear kernel (Inductor kept them in fp32)",
-        )
-    return out_path
+    move_exported_model_to_train(model)
 
 
-def load_aoti(path: str | Path) -> Callable[..., Any]:
-    """Load an AOTInductor package as a callable (positional inputs) that checks input shapes and dtypes.
+def pt2e_eval(model: Any) -> None:
+    from torchao.quantization.pt2e import move_exported_model_to_eval
 
-    Sets AOTI_RUNTIME_CHECK_INPUTS=1 for the process first: without it a package given the wrong batch
-    silently answered with the wrong number of rows. The package reads the variable once, on its first call.
-    """
-    os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"
-    try:
-        return torch._inductor.aoti_load_package(str(path))
-    except Exception as exc:
-        raise EngineError(
-            "model_load_failed",
-            f"the AOTInductor package {Path(path).name} does not load ({type(exc).__name__}: {exc}); it needs "
-            "the torch version and CPU ISA it was compiled for",
-        ) from exc
+    move_exported_model_to_eval(model)
+
+
+def freeze_pt2e(model: torch.fx.GraphModule) -> None:
+    """Freeze a pt2e QAT model's observers and batch-norm statistics (torch.ao's disable_observer and
+    freeze_bn_stats do not know its modules and graph): batch norms switch to their running statistics."""
+    from torchao.quantization.pt2e import disable_observer
+
+    model.apply(disable_observer)
+    for node in model.graph.nodes:
+        if node.op == "call_function" and str(node.target) in BATCH_NORMS and len(node.args) > 5:
+            args = list(node.args)
+            args[5] = False  # training: use and keep the running mean and variance
+            node.args = tuple(args)
+    model.recompile()

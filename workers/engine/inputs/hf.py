@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.engine.archive import SAVE_HINT, extract_hf_model
+from qaas.contract.support import listing
 from workers.engine.errors import EngineError
-from workers.engine.io import InputSpec, LoadedModel, ModelInfo
+from workers.engine.exclude import Exclusions
+from workers.engine.inputs.archive import SAVE_HINT, extract_hf_model
+from workers.engine.inputs.models import InputSpec, LoadedModel, ModelInfo
+from workers.engine.quiet import quiet
 
 __all__ = [
     "INPUT_NAMES",
@@ -62,17 +64,13 @@ def _transformers() -> Any:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence transformers' progress bars and notices and torch's deprecation and tracer warnings."""
+    """The engine's quiet(), with transformers' progress bars and notices off too."""
     logging = _transformers().utils.logging
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers)(\.|$)")
+        with quiet():
             yield
     finally:
         logging.set_verbosity(verbosity)
@@ -122,11 +120,6 @@ class HFQuantized:
     layers: dict[str, str] = field(default_factory=dict)
 
 
-def _listing(names: Sequence[str]) -> str:
-    more = len(names) - LISTED
-    return ", ".join(names[:LISTED]) + (f" and {more} more" if more > 0 else "")
-
-
 def load_hf_directory(directory: str | Path) -> nn.Module:
     """Load an extracted Hugging Face model folder with transformers, offline, as float32 in eval mode.
 
@@ -156,7 +149,11 @@ def load_hf_directory(directory: str | Path) -> nn.Module:
     missing = sorted(k for k in loading.get("missing_keys", ()) if not k.startswith(OPTIONAL_WEIGHTS))
     mismatched = sorted(str(k) for k in loading.get("mismatched_keys", ()))
     if missing or mismatched:
-        problem = f"missing {_listing(missing)}" if missing else f"wrong shapes for {_listing(mismatched)}"
+        problem = (
+            f"missing {listing(missing, most=LISTED)}"
+            if missing
+            else f"wrong shapes for {listing(mismatched, most=LISTED)}"
+        )
         raise EngineError(
             "model_load_failed",
             f"the safetensors weights do not fit the architecture in config.json ({problem}); {SAVE_HINT}",
@@ -305,24 +302,6 @@ def embedding_cosine(reference: Any, candidate: Any, batches: Sequence[Mapping[s
     return float(torch.cat(sims).mean())
 
 
-class _Exclusions:
-    """Matches module paths against exclude entries: a path, a path prefix or a type name."""
-
-    def __init__(self, entries: Sequence[str]) -> None:
-        self.entries = tuple(entries)
-        self.used: set[str] = set()
-
-    def __call__(self, name: str, type_name: str) -> bool:
-        for entry in self.entries:
-            if entry in (name, type_name) or name.startswith(entry + "."):
-                self.used.add(entry)
-                return True
-        return False
-
-    def unused(self) -> list[str]:
-        return [f"exclude entry '{e}' matched no layer" for e in self.entries if e not in self.used]
-
-
 def _trace(module: nn.Module, example: Mapping[str, torch.Tensor]) -> torch.jit.ScriptModule:
     with _quiet(), torch.no_grad():
         traced = torch.jit.trace(
@@ -415,7 +394,7 @@ def quantize_hf_dynamic(
     )
 
     float_model = _hf_model(model)
-    excluded = _Exclusions(exclude)
+    excluded = Exclusions(exclude)
     linear = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     names = {id(m): n for n, m in float_model.named_modules()}
     candidates = [n for n, m in float_model.named_modules() if isinstance(m, nn.Linear)]
@@ -425,7 +404,7 @@ def quantize_hf_dynamic(
     qconfigs: dict[str, Any] = {}
     for name in candidates:
         type_name = "Embedding" if name == embeddings else "Linear"
-        if not excluded(name, type_name):
+        if not excluded(name, type_name=type_name):
             qconfigs[name] = float_qparams_weight_only_qconfig if name == embeddings else linear
     if not qconfigs:
         raise EngineError(
@@ -452,7 +431,7 @@ def quantize_hf_dynamic(
         quantized=count,
         float_layers=len(candidates) - count,
         cosine=round(cosine, 6),
-        warnings=excluded.unused(),
+        warnings=excluded.unused_warnings(),
         eager=eager,
         layers=layers,
     )

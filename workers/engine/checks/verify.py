@@ -11,7 +11,7 @@ import torch
 
 from qaas.contract.shapes import LABELS, resolve_tensor_name
 from workers.engine.errors import EngineError
-from workers.engine.io import InputSpec
+from workers.engine.inputs.models import InputSpec
 
 __all__ = ["Batch", "call_model", "dataset_batches", "fidelity", "flat_outputs", "random_batch"]
 
@@ -96,14 +96,17 @@ def call_model(module: Any, batch: Batch, *, by_name: bool) -> Any:
         return module(**batch) if by_name else module(*batch.values())
 
 
-def flat_outputs(output: Any) -> list[torch.Tensor]:
-    """The floating-point tensors of a model output (a tensor, or tuples, lists and dicts of them), in order."""
+def flat_outputs(output: Any, *, dequantize: bool = False) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output (a tensor, or tuples, lists and dicts of them), in order;
+    with `dequantize`, quantized tensors too, dequantized (an eager int8 layer's output)."""
     if isinstance(output, torch.Tensor):
+        if dequantize and output.is_quantized:
+            return [output.dequantize()]
         return [output] if output.is_floating_point() else []
     if isinstance(output, Mapping):
         output = list(output.values())
     if isinstance(output, (tuple, list)):
-        return [t for item in output for t in flat_outputs(item)]
+        return [t for item in output for t in flat_outputs(item, dequantize=dequantize)]
     return []
 
 

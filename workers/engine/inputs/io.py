@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from workers.engine.archive import detect_model_format
 from workers.engine.errors import EngineError
-from workers.engine.pt2_checks import check_pt2_payloads
+from workers.engine.inputs.archive import detect_model_format
+from workers.engine.inputs.models import InputSpec, LoadedModel, ModelInfo
+from workers.engine.inputs.pt2_checks import check_pt2_payloads
 
 __all__ = ["InputSpec", "LoadedModel", "ModelInfo", "detect_model_format", "inspect_model", "load_model"]
 
@@ -31,61 +31,6 @@ INPUT_DTYPES = (
     "uint8",
     "bool",
 )
-
-
-@dataclass
-class InputSpec:
-    """One model input: None in `shape` marks a dynamic dimension; dtype is a torch name like "float32"."""
-
-    name: str
-    shape: list[int | None]
-    dtype: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """{"name", "shape", "dtype"}."""
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-
-@dataclass
-class ModelInfo:
-    """What inspection records about a model: its inputs, parameter count and layers by type.
-
-    `hf` describes a Hugging Face model: {"model_type", "architecture", "tokenizer" (bool), "vocab_size",
-    "hidden_size", "max_length"}; it is None for other formats.
-    """
-
-    format: str
-    inputs: list[InputSpec]
-    parameters: int
-    layers: dict[str, int] = field(default_factory=dict)
-    hf: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """{"format", "inputs": [{"name", "shape", "dtype"}], "parameters", "layers"}, and "hf" when set."""
-        out = {
-            "format": self.format,
-            "inputs": [spec.to_dict() for spec in self.inputs],
-            "parameters": self.parameters,
-            "layers": dict(self.layers),
-        }
-        return out if self.hf is None else out | {"hf": dict(self.hf)}
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to run: `module` is the callable float model in eval mode.
-
-    `program` is the ExportedProgram of a `.pt2` (the dynamic handler rebuilds from it), else None.
-    `directory` is the extracted folder of a Hugging Face model (its tokenizer lives there), else None; it
-    stays on disk while this object lives (`keep` holds its temporary directory).
-    """
-
-    format: str
-    module: Any
-    info: ModelInfo
-    program: Any = None
-    directory: Path | None = None
-    keep: Any = field(default=None, repr=False)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -266,7 +211,7 @@ def load_model(
     path = Path(path)
     fmt = detect_model_format(path)
     if fmt == "hf":
-        from workers.engine.hf import load_hf  # transformers is imported only for Hugging Face models
+        from workers.engine.inputs.hf import load_hf  # transformers is imported only for Hugging Face models
 
         return load_hf(path, workdir=workdir)
     if fmt == "pt2":

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import fcntl
 import os
-import platform
 import stat
 import tempfile
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from qaas.contract.jobs import BenchmarkConfig
+from workers.engine.cpu import cpu_info
 
 __all__ = [
     "LOCK_FD_ENV",
@@ -38,24 +38,10 @@ FALLBACK_LOCK = "qaas-bench.lock"  # in tempfile.gettempdir(), for the engine us
 LOCK_WAIT = "bench_lock_wait_s"  # Job.cache key: seconds a job's earlier benchmarks waited for the lock
 
 
-def _cpuinfo() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags.update(value.split())
-    except OSError:
-        pass
-    return model, [flag for flag in ISA_FLAGS if flag in flags]
-
-
 def environment(threads: int) -> dict[str, Any]:
     """{cpu, isa, torch, engine, threads, load_average}: the facts that explain a benchmark."""
-    cpu, isa = _cpuinfo()
+    info = cpu_info()
+    cpu, isa = info["model"], [flag for flag in info["isa"] if flag in ISA_FLAGS]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return {
         "cpu": cpu,

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qaas.contract.shapes import LABELS, check_shapes_match
-from workers.engine.archive import check_zip, open_zip
 from workers.engine.errors import EngineError
-from workers.engine.images import image_size as preprocessed_size
-from workers.engine.images import list_image_folder, load_images, parse_preprocess
+from workers.engine.inputs.archive import check_zip, open_zip
+from workers.engine.inputs.images import image_size as preprocessed_size
+from workers.engine.inputs.images import list_image_folder, load_images, parse_preprocess
 
 if TYPE_CHECKING:  # io imports torch; datasets are read without it
-    from workers.engine.io import ModelInfo
+    from workers.engine.inputs.models import ModelInfo
 
 __all__ = ["DatasetInfo", "check_dataset_matches", "inspect_dataset", "load_dataset", "tokenize_jsonl"]
 
@@ -371,7 +371,7 @@ def check_dataset_matches(model: ModelInfo, ds: DatasetInfo, *, role: str = "dat
 
 
 def _longest_sequence(directory: Path) -> int:
-    from workers.engine.hf import max_sequence_length
+    from workers.engine.inputs.hf import max_sequence_length
 
     try:
         return max_sequence_length(json.loads((directory / "config.json").read_text(encoding="utf-8")))
@@ -416,7 +416,7 @@ def tokenize_jsonl(
     texts, labels = _read_jsonl(path)
     if not texts:
         raise EngineError("invalid_dataset", f"the dataset has 0 samples; write lines like {JSONL_EXAMPLE}")
-    from workers.engine.hf import load_tokenizer  # imports torch and transformers
+    from workers.engine.inputs.hf import load_tokenizer  # imports torch and transformers
 
     tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer.pad_token is None:
