@@ -81,6 +81,19 @@ def create_app() -> FastAPI:
         swagger_ui_parameters={"tryItOutEnabled": True},
         redoc_url=None,
     )
+    _answer_errors(app)
+    for router in (models.router, datasets.router, jobs.router, reports.router, health.router):
+        app.include_router(router)
+    app.include_router(metrics.router)  # GET /metrics: no key, not in the schema
+    # Outermost: nothing under /v1 runs, and no body is read, before the caller is known.
+    app.add_middleware(GuardMiddleware)
+    # Outside the guard: a body that stalls gets 408 whoever reads it (QAAS_READ_TIMEOUT_S).
+    app.add_middleware(ReadTimeoutMiddleware)
+    return app
+
+
+def _answer_errors(app: FastAPI) -> None:
+    """Every error becomes `{"error": code, "detail": ...}` with the catalogue's status (docs/errors.md)."""
 
     @app.exception_handler(errors.QaasError)
     async def _qaas_error(_request: Request, exc: errors.QaasError) -> JSONResponse:
@@ -126,12 +139,3 @@ def create_app() -> FastAPI:
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return _error(ErrorCode.INTERNAL_ERROR, "an unexpected error happened; it was logged")
-
-    for router in (models.router, datasets.router, jobs.router, reports.router, health.router):
-        app.include_router(router)
-    app.include_router(metrics.router)  # GET /metrics: no key, not in the schema
-    # Outermost: nothing under /v1 runs, and no body is read, before the caller is known.
-    app.add_middleware(GuardMiddleware)
-    # Outside the guard: a body that stalls gets 408 whoever reads it (QAAS_READ_TIMEOUT_S).
-    app.add_middleware(ReadTimeoutMiddleware)
-    return app
