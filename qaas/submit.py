@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from qaas.contract.flags import FlagError, job_flags
 from qaas.contract.formatting import TEXT, summary_table, text_table
+from qaas.contract.vocab import JobStatus, UploadStatus
 
 if TYPE_CHECKING:  # imported when a command runs: `qaas --help` needs no httpx
     from qaas.client import Client, Dataset, Job, JobSummary, Model
@@ -247,7 +248,7 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
         uploads: list[tuple[Path, Model | Dataset]] = [(model_path, client.wait_model(model, timeout=limit))]
         uploads += [(data_paths[role], client.wait_dataset(d, timeout=limit)) for role, d in datasets.items()]
     for path, upload in uploads:
-        if upload.status != "ready":
+        if upload.status != UploadStatus.READY:
             error = upload.error.code + ": " + upload.error.message if upload.error else upload.status
             return _fail(f"{path} is {upload.status}: {error}")
 
@@ -289,7 +290,7 @@ def _follow(client: Client, display: Display, job: Job, out: Path | None, timeou
 
 
 def _finish(client: Client, job: Job, out: Path) -> int:
-    if job.status != "succeeded":
+    if job.status != JobStatus.SUCCEEDED:
         if job.metrics:
             print(headline(job))
         reason = f"{job.error.code}: {job.error.message}" if job.error else job.progress.message or ""
@@ -329,7 +330,7 @@ def cmd_jobs_list(args: argparse.Namespace, client: Client) -> int:
                 job.status,
                 job.mode,
                 job.backend_chosen or job.backend,
-                f"{job.progress.percent:.0f}%" if job.status == "running" else "",
+                f"{job.progress.percent:.0f}%" if job.status == JobStatus.RUNNING else "",
                 TEXT.times(job.size_ratio),
                 TEXT.times(job.speedup),
                 _age(job),
@@ -376,7 +377,7 @@ def cmd_jobs_wait(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_jobs_cancel(args: argparse.Namespace, client: Client) -> int:
     job = client.cancel(args.job_id)
-    if job.status == "cancelled":
+    if job.status == JobStatus.CANCELLED:
         print(f"{job.id} cancelled")
     else:
         print(f"{job.id} {job.status}: cancelling; its runner is stopped within seconds")

@@ -30,7 +30,7 @@ from app.services import stored as stored_service
 from qaas.contract.backends import ARTIFACT_FILES
 from qaas.contract.jobs import BenchmarkOptions, JobOptions, RunnerSpec, explain
 from qaas.contract.metrics import JobMetrics
-from qaas.contract.vocab import TERMINAL, Backend, DataRole, Mode
+from qaas.contract.vocab import TERMINAL, Backend, DataRole, Mode, UploadStatus
 from workers import upkeep
 from workers.sandbox import RunnerLimits
 from workers.supervise import INSPECTION_TIME_LIMIT_ADVICE, RunnerOutcome, run_runner
@@ -67,7 +67,7 @@ def _inspect(cls: type[Stored], object_id: str, command: str) -> None:
     settings = get_settings()
     with session_scope() as session:
         row = session.get(cls, object_id)
-        if row is None or row.status != "inspecting":
+        if row is None or row.status != UploadStatus.INSPECTING:
             return
         key = row.storage_key
         args: list[str] = []

@@ -39,7 +39,7 @@ _WINDOW_TEXT = f"finished in the last {WINDOW.total_seconds() / 3600:g} h (submi
 
 def exit_reason(status: str, error_code: str | None) -> str:
     """succeeded, cancelled, or the failure's code (other when qaas does not know it)."""
-    if status != "failed":
+    if status != JobStatus.FAILED:
         return status
     return error_code if error_code in EXIT_REASONS else "other"
 
@@ -99,7 +99,10 @@ def _finished(session: Session, now: datetime) -> list[Metric]:
         .group_by(Job.mode, Job.status, Job.error_code)
     )
     histograms: dict[tuple[str, str], list[float]] = {}
-    exits = {reason: 0 for reason in ("succeeded", "cancelled", *sorted(EXIT_REASONS), "other")}
+    exits = {
+        reason: 0
+        for reason in (JobStatus.SUCCEEDED.value, JobStatus.CANCELLED.value, *sorted(EXIT_REASONS), "other")
+    }
     for mode, status, error_code, count, total, *in_buckets in rows.tuples():
         # count, sum, then one count per bucket: added up over error codes
         values = [count, float(total or 0.0), *in_buckets]

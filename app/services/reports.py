@@ -27,6 +27,7 @@ from qaas.contract.formatting import (
     worst_layers,
 )
 from qaas.contract.metrics import JobMetrics, LatencyRow, LayerError, Percentiles
+from qaas.contract.vocab import JobStatus
 
 MAX_LAYER_BARS = 40  # a chart of hundreds of layers helps nobody: the worst ones are the ones to act on
 # Per-layer SQNR bands, below what the weights alone reach (per-channel int8 weights ~48 dB, per-tensor
@@ -286,7 +287,7 @@ def best_jobs(jobs: list[Job]) -> dict[str, set[str]]:
         scored = {
             job.id: value
             for job in jobs
-            if job.status == "succeeded"
+            if job.status == JobStatus.SUCCEEDED
             and job.metrics is not None
             and (value := finite(getattr(job.metrics, column))) is not None
         }
