@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -399,13 +399,18 @@ COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
 }
 
 
-def main(argv: Sequence[str]) -> int:
-    """Run the command `argv` starts with (one of COMMANDS: `qaas` dispatches here)."""
+def dispatch(commands: Mapping[str, Callable[[argparse.ArgumentParser], None]], argv: Sequence[str]) -> int:
+    """Run the command `argv` starts with, one of `commands` (name -> parser builder), with the logs set up."""
     from app.core import logs
 
     logs.configure()  # QAAS_LOG_FORMAT: text, or json (one object per line)
     name, *rest = argv
     parser = argparse.ArgumentParser(prog=f"qaas {name}")
-    COMMANDS[name](parser)
+    commands[name](parser)
     args = parser.parse_args(rest)
     return int(args.func(args) or 0)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the command `argv` starts with (one of COMMANDS: `qaas` dispatches here)."""
+    return dispatch(COMMANDS, argv)

@@ -191,11 +191,6 @@ COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
 
 def main(argv: Sequence[str]) -> int:
     """Run the command `argv` starts with (one of COMMANDS: `qaas` dispatches here)."""
-    from app.core import logs
+    from app.commands import dispatch
 
-    logs.configure()  # QAAS_LOG_FORMAT: text, or json (one object per line)
-    name, *rest = argv
-    parser = argparse.ArgumentParser(prog=f"qaas {name}")
-    COMMANDS[name](parser)
-    args = parser.parse_args(rest)
-    return int(args.func(args) or 0)
+    return dispatch(COMMANDS, argv)
