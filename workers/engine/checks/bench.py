@@ -1,5 +1,5 @@
 """Latency of fp32 against int8 on this host, the host facts that explain the numbers, and the host-wide lock
-that keeps two benchmarks from sharing the CPU (DESIGN.md section 4: benchmarks never share cores)."""
+that keeps two benchmarks from sharing the CPU (docs/engine-notes.md#honest-benchmarks: benchmarks never share cores)."""
 
 from __future__ import annotations
 
