@@ -123,3 +123,6 @@ def test_openapi_shows_the_typed_metrics() -> None:
     assert {"$ref": "#/components/schemas/JobMetrics"} in metrics["anyOf"]
     assert {"size", "latency", "fidelity"} <= set(schemas["JobMetrics"]["required"])
     assert schemas["LatencyRow"]["properties"]["speedup"]["description"].startswith("fp32 p50 / int8 p50")
+    report = create_app().openapi()["paths"]["/v1/jobs/{job_id}/report"]["get"]["responses"]["200"]
+    assert report["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/JobReport"}
+    assert schemas["JobReport"]["properties"]["metrics"] == {"$ref": "#/components/schemas/JobMetrics"}

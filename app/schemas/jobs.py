@@ -125,6 +125,17 @@ class JobOut(BaseModel):
     report_html_url: str | None = None
 
 
+class JobReport(BaseModel):
+    """GET /v1/jobs/{id}/report: what a finished job measured (`metrics`, typed), and what it ran."""
+
+    job_id: str
+    mode: Mode
+    backend: BackendOut
+    config: dict[str, Any]
+    metrics: JobMetrics
+    manifest: dict[str, Any] | None = None
+
+
 # The headline numbers of a finished job (the JobMetrics columns), as lists show them.
 SizeRatio = Annotated[float | None, Field(description="fp32 size / int8 size.")]
 Speedup = Annotated[

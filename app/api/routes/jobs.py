@@ -11,7 +11,7 @@ from app.api.guard import CallerDep
 from app.api.routes.common import CursorQuery, LimitQuery, file_response
 from app.models import Job
 from app.schemas.common import GUARDED, ObjectError, Page, error_responses
-from app.schemas.jobs import ArtifactOut, BackendOut, JobCreate, JobOut, JobSummary, Progress
+from app.schemas.jobs import ArtifactOut, BackendOut, JobCreate, JobOut, JobReport, JobSummary, Progress
 from app.services import jobs as service
 from app.services import reports
 from qaas.contract.vocab import JobStatus
@@ -154,7 +154,9 @@ def cancel_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobOut:
 @router.get(
     "/{job_id}/report",
     summary="The job's full metrics",
-    responses=error_responses(404),
+    # Documented with its schema, sent as stored: the document the worker validated (workers/tasks.py).
+    response_model=None,
+    responses={200: {"model": JobReport, "description": "The report."}, **error_responses(404)},
 )
 def get_report(job_id: str, session: SessionDep, caller: CallerDep) -> dict[str, Any]:
     """Metrics, configuration and manifest of a finished job."""
