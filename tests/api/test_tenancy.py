@@ -20,12 +20,12 @@ from app.main import create_app
 from app.services import auth
 from app.services import datasets as dataset_service
 from app.services import models as model_service
-from tests.api.conftest import MLP_INSPECTION
+from tests.api.conftest import MLP_INSPECTION, job_metrics
 from tests.api.test_reports import finish_job
 from tests.conftest import REDIS_URL, require_url, reset_caches
 
 FEATURES = {"x": {"shape": [8, 16], "dtype": "float32"}}
-METRICS = {"size": {"fp32_bytes": 100, "int8_bytes": 25, "ratio": 4.0}, "fidelity": {"sqnr_db": 30.0}}
+METRICS = job_metrics(ratio=4.0)
 
 
 def new_key(tenant: str) -> str:
