@@ -13,7 +13,6 @@ from enum import StrEnum
 
 __all__ = [
     "ACTIVE",
-    "CONCRETE_BACKENDS",
     "Backend",
     "DataRole",
     "Format",
@@ -63,15 +62,11 @@ class Format(StrEnum):
 
 
 class Backend(StrEnum):
-    """The int8 backends (what each serves: qaas.contract.support), and `auto`: try the candidates, keep one."""
+    """The int8 backends (each declared in qaas.contract.backends), and `auto`: try the candidates, keep one."""
 
     FBGEMM = "fbgemm"
     X86 = "x86"
     AUTO = "auto"
-
-
-# The backends that make an artifact (`auto` is a choice among them).
-CONCRETE_BACKENDS: tuple[Backend, ...] = tuple(b for b in Backend if b is not Backend.AUTO)
 
 
 class DataRole(StrEnum):

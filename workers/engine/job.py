@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from qaas.contract.vocab import ROLE_WORDS
 from workers.engine.checks.layers import LayerProbe
 from workers.engine.checks.verify import Batch, dataset_batches, random_batch
 from workers.engine.errors import EngineError
@@ -24,7 +25,7 @@ from workers.engine.result import ProgressFn
 __all__ = ["ROLES", "Int8Model", "Job", "count_layers"]
 
 # Data roles: the manifest's key, and the word for the dataset in messages.
-ROLES = {"eval": "evaluation", "calibration": "calibration", "train": "training"}
+ROLES = ROLE_WORDS  # the word for a role's dataset in messages ("the evaluation data")
 HF_TOKENS = 32  # generated Hugging Face inputs (verification without data, benchmarks): tokens per row
 MAX_TOKENS = 128  # JSONL text is tokenized to at most this many tokens (or the model's longest sequence)
 QUANTIZED_OP = re.compile(r"quantized::(conv|linear|batch_norm|embedding)\w*")
