@@ -9,6 +9,7 @@ database, the wire and old code that compares strings all keep working. Pure Pyt
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 
 __all__ = [
@@ -78,4 +79,8 @@ class DataRole(StrEnum):
 
 
 # The word for a role's dataset in messages ("the evaluation dataset").
-ROLE_WORDS = {DataRole.EVAL: "evaluation", DataRole.CALIBRATION: "calibration", DataRole.TRAIN: "training"}
+ROLE_WORDS: Mapping[str, str] = {
+    DataRole.EVAL: "evaluation",
+    DataRole.CALIBRATION: "calibration",
+    DataRole.TRAIN: "training",
+}
